@@ -1,0 +1,55 @@
+"""Process-state backends behind one interface: check, dump, restore.
+
+`criu` writes a process image; `freeze-only` writes none, for filesystem-consistent backups
+taken at one frozen instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import BadInput
+
+
+@dataclass(frozen=True)
+class DumpRequest:
+    root_pid: int
+    images: Path
+    log: Path
+    freeze_cgroup: Path  # sysfs path of the frozen cgroup; CRIU must be told (else it hangs)
+    externals: list[str]  # CRIU external-file keys: file[mnt:ino]
+    leave_running: bool
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    images: Path
+    log: Path
+    inherit: list[tuple[int, str]]  # (fd open in fscr, CRIU key) for every external file
+
+
+class Backend(Protocol):
+    name: str
+    writes_image: bool
+
+    def check(self) -> None:
+        """Raise MissingDependency unless this backend can run here."""
+
+    def dump(self, req: DumpRequest) -> None:
+        """Dump the frozen tree; on failure raise and leave the tree frozen, as found."""
+
+    def restore(self, req: RestoreRequest) -> int:
+        """Restore the tree detached; returns the root PID."""
+
+
+def get(name: str) -> Backend:
+    from .criu import Criu
+    from .freeze_only import FreezeOnly
+
+    backends: dict[str, Backend] = {"criu": Criu(), "freeze-only": FreezeOnly()}
+    try:
+        return backends[name]
+    except KeyError:
+        raise BadInput(f"unknown backend {name!r} (known: {', '.join(backends)})") from None

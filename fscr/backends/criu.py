@@ -1,0 +1,108 @@
+"""CRIU, driven as a subprocess: found, checked, dump and restore side by side."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CriuFailed, MissingDependency
+from . import DumpRequest, RestoreRequest
+
+MIN_VERSION = (4, 2, 1)
+OWN_PREFIX = Path("/opt/fscr/criu-4.2.1/sbin/criu")  # where scripts/setup installs it
+
+
+@dataclass(frozen=True)
+class Found:
+    path: str | None
+    version: tuple[int, ...] | None
+    why: str  # how it was chosen, or why none was
+
+
+def version_of(path: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return None
+    m = re.search(r"Version:\s*([0-9][0-9.]*)", out)
+    return tuple(int(x) for x in m.group(1).strip(".").split(".")) if m else None
+
+
+def find() -> Found:
+    """CRIU in this order: $FSCR_CRIU, fscr's own versioned prefix, PATH; >= 4.2.1 required."""
+    env = os.environ.get("FSCR_CRIU")
+    if env:
+        candidates = [(env, "from FSCR_CRIU")]
+    else:
+        candidates = [(str(OWN_PREFIX), "fscr's own build"), (shutil.which("criu"), "from PATH")]
+    tried = []
+    for path, how in candidates:
+        if not path or not os.access(path, os.X_OK):
+            tried.append(f"{path or 'criu on PATH'}: not found")
+            continue
+        ver = version_of(path)
+        if ver is None or ver < MIN_VERSION:
+            shown = ".".join(map(str, ver)) if ver else "unknown"
+            tried.append(f"{path}: version {shown} < 4.2.1")
+            continue
+        return Found(path, ver, how)
+    return Found(None, None, "; ".join(tried))
+
+
+def require() -> str:
+    found = find()
+    if found.path is None:
+        raise MissingDependency(f"CRIU >= 4.2.1 not found ({found.why}); run scripts/setup")
+    return found.path
+
+
+def _run(argv: list[str], log: Path, what: str, pass_fds: tuple[int, ...] = ()) -> None:
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, pass_fds=pass_fds
+    )
+    if proc.returncode != 0:
+        last = _last_error(log) or proc.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise CriuFailed(f"CRIU {what} failed: {''.join(last)} (log: {log})")
+
+
+def _last_error(log: Path) -> list[str]:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    errs = [ln for ln in lines if "Error" in ln]
+    return [errs[-1].strip()] if errs else []
+
+
+class Criu:
+    name = "criu"
+    writes_image = True
+
+    def check(self) -> None:
+        require()
+
+    def dump(self, req: DumpRequest) -> None:
+        argv = [require(), "dump", "-t", str(req.root_pid), "-D", str(req.images),
+                "-o", str(req.log), "-v4", "--freeze-cgroup", str(req.freeze_cgroup)]
+        if req.leave_running:
+            argv.append("--leave-running")
+        for key in req.externals:
+            argv += ["--external", key]
+        _run(argv, req.log, "dump")
+
+    def restore(self, req: RestoreRequest) -> int:
+        pidfile = req.images.parent / "restore.pid"
+        pidfile.unlink(missing_ok=True)
+        argv = [require(), "restore", "-D", str(req.images), "-o", str(req.log), "-v4",
+                "--restore-detached", "--pidfile", str(pidfile)]
+        for fd, key in req.inherit:
+            argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+        try:
+            _run(argv, req.log, "restore", pass_fds=tuple(fd for fd, _ in req.inherit))
+            return int(pidfile.read_text().strip())
+        finally:
+            pidfile.unlink(missing_ok=True)

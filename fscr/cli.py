@@ -1,0 +1,208 @@
+"""The command line: parse, call the library, render as text or --json. No work of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from . import doctor as doctor_mod
+from . import pipeline
+from .errors import FscrError, MissingDependency
+from .manifest import Manifest
+from .process import launch
+from .process.target import Target
+from .store import Store
+
+err = Console(stderr=True)
+
+
+def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        text()
+
+
+def progress_printer(as_json: bool) -> pipeline.Progress:
+    """Stage names on a terminal; silent for scripts (not a tty, or --json)."""
+    if as_json or not sys.stderr.isatty():
+        return pipeline._quiet
+    return lambda stage: err.print(f"[dim]fscr: {stage}…[/dim]")
+
+
+def target_of(pid: int | None, cgroup: str | None, name: str | None) -> Target:
+    given = [x for x in (pid, cgroup, name) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --pid, --cgroup, --name")
+    return Target(pid=pid, cgroup=cgroup, name=name)
+
+
+def summary(m: Manifest) -> dict[str, Any]:
+    """What a user or script wants to know of a checkpoint (text and --json alike)."""
+    return {
+        "id": m.id, "created": m.created, "hostname": m.hostname, "backend": m.backend,
+        "snapshot": m.snapshot, "mode": m.mode, "root_pid": m.root.pid,
+        "volumes": [v.model_dump() for v in m.volumes],
+        "relinks": [r.model_dump() for r in m.relinks],
+        "image_bytes": m.image_bytes, "durations": m.durations,
+    }
+
+
+store_opt = click.option("--store", envvar="FSCR_STORE", default=None,
+                         help="Checkpoint store (default /var/lib/fscr; env FSCR_STORE).")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group()
+def cli() -> None:
+    """Checkpoint a process tree together with the filesystem it uses."""
+
+
+@cli.command()
+@json_opt
+def doctor(as_json: bool) -> None:
+    """Check what fscr needs on this machine."""
+    rows = doctor_mod.run_checks()
+    missing = [r.name for r in rows if r.essential and not r.ok]
+
+    def text() -> None:
+        for r in rows:
+            mark = "ok" if r.ok else ("MISSING" if r.essential else "unavailable")
+            click.echo(f"{r.name:<26} {mark:<12} {r.detail}")
+        if missing:
+            click.echo(f"essential items missing: {', '.join(missing)}")
+
+    emit({"ok": not missing, "missing": missing, "checks": doctor_mod.as_dicts(rows)},
+         as_json, text)
+    if missing:
+        sys.exit(MissingDependency.exit_code)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--name", default=None, help="Name the workload (target it with --name).")
+@click.option("--log", default=None, help="Append stdout/stderr to this file.")
+@json_opt
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(name: str | None, log: str | None, as_json: bool, argv: tuple[str, ...]) -> None:
+    """Start CMD detached in a cgroup of its own; print its PID."""
+    pipeline.require_root()
+    s = launch.run(list(argv), name=name, log=log)
+    emit({"pid": s.pid, "cgroup": s.cgroup}, as_json, lambda: click.echo(s.pid))
+
+
+@cli.command()
+@click.option("--pid", type=int, default=None, help="Root of the tree to checkpoint.")
+@click.option("--cgroup", default=None, help="Checkpoint every task of this cgroup.")
+@click.option("--name", default=None, help="A workload started with fscr run --name.")
+@click.option("--volume", "volumes", multiple=True, required=True,
+              help="A btrfs subvolume the tree uses (repeatable).")
+@click.option("--snapshot", type=click.Choice(["btrfs", "none"]), default="btrfs")
+@click.option("--backend", type=click.Choice(["criu", "freeze-only"]), default="criu")
+@click.option("--leave-running/--kill", default=True,
+              help="Keep the tree running after the dump (default) or kill it.")
+@click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
+@store_opt
+@json_opt
+def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, ckpt_id, store,
+               as_json) -> None:  # noqa: ANN001 - click passes the options
+    """Checkpoint a process tree and its volumes at one frozen instant."""
+    req = pipeline.CheckpointRequest(
+        target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
+        backend=backend, kill=not leave_running, id=ckpt_id, store=store)
+    m = pipeline.checkpoint(req, progress_printer(as_json))
+    emit(summary(m), as_json, lambda: click.echo(m.id))
+
+
+@cli.command()
+@click.argument("ckpt_id")
+@click.option("--replace", is_flag=True, help="Kill a still-running tree of this checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Swap the volumes even while other processes hold files on them.")
+@click.option("--volumes-only", is_flag=True, help="Put the volumes back, no processes.")
+@store_opt
+@json_opt
+def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, store: str | None,
+            as_json: bool) -> None:
+    """Put the volumes back and restore the processes; print the new root PID."""
+    r = pipeline.restore(ckpt_id, store, replace=replace, force=force,
+                         volumes_only=volumes_only, progress=progress_printer(as_json))
+    data = {"id": r.id, "pid": r.pid, "rescue_snapshots": r.rescues, "durations": r.durations}
+    emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))
+
+
+@cli.command("list")
+@store_opt
+@json_opt
+def list_(store: str | None, as_json: bool) -> None:
+    """List checkpoints and rescue snapshots."""
+    st = Store.open(store)
+    rows = [summary(m) for m in st.list()]
+    rescues = st.rescues()
+
+    def text() -> None:
+        for r in rows:
+            vols = ",".join(v["path"] for v in r["volumes"])
+            click.echo(f"{r['id']}  {r['created']}  {r['backend']:<11} "
+                       f"pid {r['root_pid']:<7} {vols}")
+        for r in rescues:
+            click.echo(f"{r['name']}  rescue snapshot  {', '.join(r['paths'])}")
+
+    emit({"checkpoints": rows, "rescues": rescues}, as_json, text)
+
+
+@cli.command()
+@click.argument("ckpt_id")
+@store_opt
+@json_opt
+def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
+    """Show one checkpoint and its manifest digest."""
+    st = Store.open(store)
+    m = st.load(ckpt_id)
+    data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
+                                  "tasks": [t.model_dump() for t in m.tasks],
+                                  "cgroup": m.cgroup.model_dump()}
+
+    def text() -> None:
+        for key in ("id", "created", "hostname", "backend", "snapshot", "mode", "root_pid",
+                    "image_bytes", "manifest_sha256"):
+            click.echo(f"{key:<16} {data[key]}")
+        for v in data["volumes"]:
+            click.echo(f"volume           {v['path']}  snapshot {v['snapshot']}")
+        for r in data["relinks"]:
+            click.echo(f"relinked         {r['original_path']} ({r['method']}, {r['size']} bytes)")
+        for k, v in data["durations"].items():
+            click.echo(f"{'time ' + k:<16} {v:.3f}s")
+
+    emit(data, as_json, text)
+
+
+@cli.command()
+@click.argument("ckpt_id")
+@store_opt
+@json_opt
+def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
+    """Delete a checkpoint (snapshots and images) or a rescue snapshot."""
+    pipeline.require_root()
+    removed = pipeline.delete(ckpt_id, store)
+    emit({"removed": removed}, as_json, lambda: [click.echo(f"removed {p}") for p in removed])
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except FscrError as e:
+        err.print(f"fscr: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("fscr: aborted", markup=False)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

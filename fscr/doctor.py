@@ -1,0 +1,116 @@
+"""`fscr doctor`: what fscr needs on this machine, one row each, and what it found."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .backends import criu
+from .process import freezer
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ok: bool
+    essential: bool
+    detail: str
+
+
+def _root() -> Row:
+    ok = os.geteuid() == 0
+    return Row("root", ok, True, "running as root" if ok else f"running as uid {os.geteuid()}")
+
+
+def _kernel() -> Row:
+    # ns_last_pid exists only with CONFIG_CHECKPOINT_RESTORE; map_files needs it as well.
+    ok = Path("/proc/sys/kernel/ns_last_pid").exists() and Path("/proc/self/map_files").exists()
+    return Row("kernel checkpoint/restore", ok, True,
+               f"kernel {os.uname().release}" + ("" if ok else ": CONFIG_CHECKPOINT_RESTORE off"))
+
+
+def _criu() -> Row:
+    found = criu.find()
+    if found.path is None:
+        return Row("criu", False, True, f"not found: {found.why}")
+    ver = ".".join(map(str, found.version or ()))
+    check = subprocess.run([found.path, "check"], capture_output=True, text=True)
+    out = (check.stdout + check.stderr).strip()
+    if check.returncode != 0 or "Looks good" not in out:
+        return Row("criu", False, True, f"{found.path} {ver} ({found.why}): criu check failed: "
+                   + (out.splitlines() or ["no output"])[-1])
+    return Row("criu", True, True, f"{found.path} {ver} ({found.why}); criu check: Looks good.")
+
+
+def _cgroup_v2() -> Row:
+    root = freezer.v2_root()
+    if root is None:
+        return Row("cgroup v2 freezer", False, False, "no cgroup2 mount")
+    probe = root / freezer.FSCR_GROUP / "doctor_probe"
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        ok = (probe / "cgroup.freeze").exists()
+    except OSError as e:
+        return Row("cgroup v2 freezer", False, False, f"{root}: {e.strerror}")
+    finally:
+        if probe.exists():
+            probe.rmdir()
+    return Row("cgroup v2 freezer", ok, False,
+               f"{root} (cgroup.freeze)" if ok else f"{root} has no cgroup.freeze")
+
+
+def _cgroup_v1() -> Row:
+    root = freezer.v1_freezer_root()
+    return Row("cgroup v1 freezer", root is not None, False,
+               str(root) if root else "no v1 freezer hierarchy mounted")
+
+
+def _freezer_any(v2: Row, v1: Row) -> Row:
+    ok = v2.ok or v1.ok
+    return Row("cgroup freezer", ok, True,
+               ("using v2" if v2.ok else "using v1") if ok else "neither v2 nor v1 freezer")
+
+
+def _btrfs() -> Row:
+    fs = Path("/proc/filesystems").read_text()
+    tool = shutil.which("btrfs")
+    try:
+        import btrfsutil  # noqa: F401
+
+        lib = "btrfsutil importable"
+    except ImportError as e:
+        lib = f"btrfsutil missing ({e})"
+    ok = "btrfs" in fs and tool is not None and lib == "btrfsutil importable"
+    ver = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
+        if tool else "btrfs-progs missing"
+    return Row("btrfs", ok, True,
+               f"{ver}; {lib}" + ("" if "btrfs" in fs else "; kernel has no btrfs"))
+
+
+def _lvm() -> Row:
+    tool = shutil.which("lvm")
+    dm = Path("/dev/mapper/control").exists() or "device-mapper" in Path("/proc/misc").read_text()
+    if tool is None:
+        return Row("lvm", False, False, "lvm2 tools not installed")
+    if not dm:
+        return Row("lvm", False, False,
+                   "lvm2 installed, but the kernel has no device-mapper: logical volumes and "
+                   "snapshots cannot be created (--snapshot lvm unavailable)")
+    return Row("lvm", True, False, "lvm2 and device-mapper present")
+
+
+def _loop() -> Row:
+    ok = Path("/dev/loop-control").exists()
+    return Row("loop devices", ok, False, "/dev/loop-control" if ok else "no /dev/loop-control")
+
+
+def run_checks() -> list[Row]:
+    v2, v1 = _cgroup_v2(), _cgroup_v1()
+    return [_root(), _kernel(), _criu(), _freezer_any(v2, v1), v2, v1, _btrfs(), _lvm(), _loop()]
+
+
+def as_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,89 @@
+"""Every expected failure is an FscrError: one line for the user and an exit code of its own.
+
+The codes are part of the interface (scripts and monitoring rely on them); docs/exit-codes.md
+lists them. Anything that is not an FscrError is a bug and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FscrError(Exception):
+    """Base class: the message is printed as one line, the process exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class NotRoot(FscrError):
+    exit_code = 3
+
+
+class BadTarget(FscrError):
+    """No such PID or cgroup, or a target fscr refuses (PID 1, fscr itself, the root cgroup)."""
+
+    exit_code = 4
+
+
+class BadVolume(FscrError):
+    """A --volume that is not a btrfs subvolume fscr can snapshot and swap."""
+
+    exit_code = 5
+
+
+class NoSuchCheckpoint(FscrError):
+    exit_code = 6
+
+
+class CriuFailed(FscrError):
+    """CRIU ran and failed; the message names its log."""
+
+    exit_code = 7
+
+
+class SnapshotFailed(FscrError):
+    exit_code = 8
+
+
+class BadManifest(FscrError):
+    """The manifest or an image file is missing, corrupt or fails validation."""
+
+    exit_code = 9
+
+
+class TreeStillRunning(FscrError):
+    """Restore would clash with a live tree of the same checkpoint (use --replace)."""
+
+    exit_code = 10
+
+
+class MissingDependency(FscrError):
+    """CRIU, btrfs support or a cgroup freezer is not available."""
+
+    exit_code = 11
+
+
+class NoSpace(FscrError):
+    exit_code = 12
+
+
+class RestoreRolledBack(FscrError):
+    """CRIU failed after the volumes were swapped; they were swapped back."""
+
+    exit_code = 13
+
+
+class Busy(FscrError):
+    """Another fscr run holds the lock on this workload or volume."""
+
+    exit_code = 14
+
+
+class Refused(FscrError):
+    """The request is understood but unsafe (e.g. --snapshot none with unlinked files)."""
+
+    exit_code = 15
+
+
+class BadInput(FscrError):
+    """A malformed argument: a checkpoint id, a name."""
+
+    exit_code = 16

@@ -1,0 +1,65 @@
+"""A journal per run: every side effect is noted (and fsynced) before it is made.
+
+<store>/journal/<id>.<op>.jsonl holds one JSON object per line: first who runs ("begin",
+with the fscr PID and start time), then each effect ("moved", "freeze", "relink", "snapshot",
+"criu", "swap", ...). A run that finishes removes its journal; one whose owner is gone is
+unfinished, and `fscr gc` reads it to undo or complete what the run did.
+
+Test facility: FSCR_TEST_KILL_AT=<event> makes fscr SIGKILL itself right after it noted that
+event (docs/testing.md), to prove every stage is recoverable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .process.tree import read_stat
+
+KILL_AT_ENV = "FSCR_TEST_KILL_AT"
+
+
+@dataclass
+class Journal:
+    path: Path
+
+    @classmethod
+    def begin(cls, store_root: Path, ckpt_id: str, op: str) -> Journal:
+        path = store_root / "journal" / f"{ckpt_id}.{op}.jsonl"
+        j = cls(path)
+        me = read_stat(os.getpid())
+        j.note("begin", op=op, id=ckpt_id, pid=os.getpid(), starttime=me.starttime if me else 0)
+        return j
+
+    def note(self, event: str, **data: Any) -> None:
+        line = json.dumps({"event": event, **data}, sort_keys=True) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if os.environ.get(KILL_AT_ENV) == event:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self) -> None:
+        """The run finished (or was fully undone): nothing is left for gc."""
+        self.path.unlink(missing_ok=True)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return read(self.path)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The journal's entries; a torn last line (fscr died mid-write) is ignored."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out

@@ -1,0 +1,53 @@
+"""Snapshot providers behind one small interface; the pipeline picks one by name.
+
+A provider checks that a directory is a volume it can snapshot, creates a read-only snapshot
+in the frozen window, deletes one, and at restore puts a snapshot back at the volume's path
+while keeping the contents it replaced (the rescue snapshot).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import BadInput
+
+SNAPDIR = ".fscr-snapshots"
+
+
+class Provider(Protocol):
+    name: str
+
+    def check(self, volume: Path) -> None:
+        """Raise BadVolume unless `volume` can be snapshotted and swapped by this provider."""
+
+    def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        """A read-only snapshot of `volume`, named with `ckpt_id`; returns its path."""
+
+    def delete(self, snapshot: str) -> None:
+        """Remove a snapshot this provider created; a missing one is not an error."""
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
+        """Put a writable copy of `snapshot` at `volume`; the replaced contents end at `rescue`."""
+
+    def swap_back(self, volume: Path, rescue: Path) -> None:
+        """Undo swap_in: `rescue` goes back to `volume`, the restored copy is removed."""
+
+    def seal(self, rescue: Path) -> None:
+        """Make a rescue snapshot read-only once the restore succeeded."""
+
+
+def snapshot_root(volume: Path) -> Path:
+    """Snapshots live beside the volume, on the same filesystem: <parent>/.fscr-snapshots."""
+    return volume.parent / SNAPDIR
+
+
+def get(name: str) -> Provider:
+    from .btrfs import Btrfs
+    from .none import NoSnapshot
+
+    providers: dict[str, Provider] = {"btrfs": Btrfs(), "none": NoSnapshot()}
+    try:
+        return providers[name]
+    except KeyError:
+        raise BadInput(f"unknown snapshot kind {name!r} (known: {', '.join(providers)})") from None

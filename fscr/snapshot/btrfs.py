@@ -1,0 +1,119 @@
+"""btrfs snapshots through libbtrfsutil: O(1) read-only snapshots beside the volume, and a
+restore that swaps subvolumes with renameat2(RENAME_EXCHANGE) so the volume path never goes
+missing."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+import btrfsutil
+
+from ..errors import BadVolume, NoSpace, SnapshotFailed
+from . import snapshot_root
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Atomically swap two paths (both must exist)."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
+        e = ctypes.get_errno()
+        raise OSError(e, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(e)}")
+
+
+def _mkdir_private(path: Path) -> None:
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class Btrfs:
+    name = "btrfs"
+
+    def check(self, volume: Path) -> None:
+        try:
+            is_sub = btrfsutil.is_subvolume(volume)
+        except btrfsutil.BtrfsUtilError as e:
+            raise BadVolume(f"volume {volume} is not a btrfs subvolume ({e.strerror})") from None
+        except FileNotFoundError:
+            raise BadVolume(f"volume {volume} does not exist") from None
+        if not is_sub:
+            raise BadVolume(f"volume {volume} is not a btrfs subvolume")
+        if is_mount_point(volume):
+            raise BadVolume(
+                f"volume {volume} is a mount point: restore swaps it by rename, so mount its "
+                "parent and use a subvolume below it"
+            )
+        nested = next(iter(btrfsutil.SubvolumeIterator(str(volume))), None)
+        if nested is not None:
+            raise BadVolume(
+                f"volume {volume} holds the nested subvolume {nested[0]}: btrfs snapshots are "
+                "not recursive"
+            )
+
+    def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        root = snapshot_root(volume)
+        dest = root / ckpt_id / str(n)
+        try:
+            _mkdir_private(root)
+            _mkdir_private(root / ckpt_id)
+            btrfsutil.create_snapshot(str(volume), str(dest), read_only=True)
+        except (btrfsutil.BtrfsUtilError, OSError) as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space for a snapshot of {volume}") from None
+            raise SnapshotFailed(f"snapshot of {volume} at {dest} failed: {e.strerror}") from None
+        return str(dest)
+
+    def delete(self, snapshot: str) -> None:
+        path = Path(snapshot)
+        if btrfsutil_exists(path):
+            btrfsutil.delete_subvolume(str(path))
+        try:
+            path.parent.rmdir()  # the <id> directory, once its last snapshot is gone
+        except OSError:
+            pass
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
+        # A writable snapshot of the checkpoint's read-only one, made at the rescue path and
+        # then exchanged: the old contents land at the rescue path, the volume never vanishes.
+        _mkdir_private(rescue.parent.parent)
+        _mkdir_private(rescue.parent)
+        try:
+            btrfsutil.create_snapshot(snapshot, str(rescue), read_only=False)
+        except btrfsutil.BtrfsUtilError as e:
+            raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
+        try:
+            exchange(rescue, volume)
+        except OSError as e:
+            btrfsutil.delete_subvolume(str(rescue))
+            raise SnapshotFailed(f"cannot put {snapshot} back at {volume}: {e}") from None
+
+    def swap_back(self, volume: Path, rescue: Path) -> None:
+        exchange(rescue, volume)
+        btrfsutil.delete_subvolume(str(rescue))
+        try:
+            rescue.parent.rmdir()
+        except OSError:
+            pass
+
+    def seal(self, rescue: Path) -> None:
+        btrfsutil.set_subvolume_read_only(str(rescue), True)
+
+
+def is_mount_point(path: Path) -> bool:
+    """From the mount table: os.path.ismount says yes for every subvolume (st_dev differs)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = {line.split(" ")[4].encode().decode("unicode_escape") for line in f}
+    return real in points
+
+
+def btrfsutil_exists(path: Path) -> bool:
+    try:
+        return btrfsutil.is_subvolume(str(path))
+    except (btrfsutil.BtrfsUtilError, FileNotFoundError):
+        return False

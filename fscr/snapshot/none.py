@@ -1,0 +1,30 @@
+"""--snapshot none: no filesystem copy; the volumes are only scanned for open files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadVolume
+
+
+class NoSnapshot:
+    name = "none"
+
+    def check(self, volume: Path) -> None:
+        if not volume.is_dir():
+            raise BadVolume(f"volume {volume} is not a directory")
+
+    def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        return None
+
+    def delete(self, snapshot: str) -> None:
+        pass
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
+        pass
+
+    def swap_back(self, volume: Path, rescue: Path) -> None:
+        pass
+
+    def seal(self, rescue: Path) -> None:
+        pass

@@ -1,0 +1,146 @@
+"""Where checkpoints live (default /var/lib/fscr): one directory per checkpoint id.
+
+<store>/checkpoints/<id>/manifest.json        the record (written last but one)
+<store>/checkpoints/<id>/manifest.json.sha256 its digest; written last: the commit point
+<store>/checkpoints/<id>/images/              CRIU's image files
+<store>/checkpoints/<id>/criu-*.log           CRIU's logs
+<store>/journal/                              one journal per unfinished run (journal.py)
+<store>/rescues/<name>.json                   the paths of a rescue snapshot made by restore
+A checkpoint is listed only once its digest file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadManifest, FscrError, NoSuchCheckpoint
+from .fsutil import sha256_file, write_atomic
+from .manifest import Manifest, check_id, digest
+
+DEFAULT = Path("/var/lib/fscr")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise FscrError(f"{path} is not a directory")
+    os.chmod(path, 0o700)
+    return path
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path | None = None) -> Store:
+        root = Path(root or os.environ.get("FSCR_STORE") or DEFAULT)
+        _private_dir(root)
+        _private_dir(root / "checkpoints")
+        _private_dir(root / "journal")
+        _private_dir(root / "rescues")
+        return cls(root)
+
+    def dir(self, ckpt_id: str) -> Path:
+        return self.root / "checkpoints" / check_id(ckpt_id)
+
+    def images(self, ckpt_id: str) -> Path:
+        return self.dir(ckpt_id) / "images"
+
+    def exists(self, ckpt_id: str) -> bool:
+        return self.dir(ckpt_id).exists()
+
+    def reserve(self, ckpt_id: str) -> Path:
+        """Create the checkpoint's directory; fails if the id is taken (ids are unique)."""
+        d = self.dir(ckpt_id)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            raise FscrError(f"checkpoint id {ckpt_id} already exists in {self.root}") from None
+        (d / "images").mkdir(mode=0o700)
+        return d
+
+    def commit(self, m: Manifest) -> str:
+        """Write the manifest, then its digest: from then on the checkpoint is listed."""
+        d = self.dir(m.id)
+        raw = m.to_bytes()
+        write_atomic(d / "manifest.json", raw)
+        dg = digest(raw)
+        write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
+        return dg
+
+    def committed(self, ckpt_id: str) -> bool:
+        return (self.dir(ckpt_id) / "manifest.json.sha256").exists()
+
+    def load(self, ckpt_id: str) -> Manifest:
+        """The validated manifest: digest matches, schema holds, paths confined."""
+        d = self.dir(ckpt_id)
+        if not self.committed(ckpt_id):
+            raise NoSuchCheckpoint(f"no checkpoint {ckpt_id} in {self.root}")
+        try:
+            raw = (d / "manifest.json").read_bytes()
+            want = (d / "manifest.json.sha256").read_text().split()[0]
+        except (FileNotFoundError, IndexError):
+            raise BadManifest(f"checkpoint {ckpt_id}: manifest or its digest is missing") from None
+        if digest(raw) != want:
+            raise BadManifest(f"checkpoint {ckpt_id}: manifest.json does not match its sha256")
+        m = Manifest.from_bytes(raw, f"checkpoint {ckpt_id}")
+        if m.id != ckpt_id:
+            raise BadManifest(f"checkpoint {ckpt_id}: manifest names id {m.id}")
+        return m
+
+    def manifest_digest(self, ckpt_id: str) -> str:
+        return (self.dir(ckpt_id) / "manifest.json.sha256").read_text().split()[0]
+
+    def verify_images(self, m: Manifest) -> None:
+        """Every image file the manifest lists is present with its size and sha256, and no
+        other file is there."""
+        images = self.images(m.id)
+        present = {p.name for p in images.iterdir()} if images.is_dir() else set()
+        listed = {i.name for i in m.images}
+        if present - listed:
+            raise BadManifest(f"checkpoint {m.id}: unlisted image files {sorted(present - listed)}")
+        for img in m.images:
+            p = images / img.name
+            if not p.is_file() or p.is_symlink():
+                raise BadManifest(f"checkpoint {m.id}: image {img.name} is missing")
+            if p.stat().st_size != img.size or sha256_file(p) != img.sha256:
+                raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")
+
+    def list(self) -> list[Manifest]:
+        out = []
+        for d in sorted((self.root / "checkpoints").iterdir()):
+            if self.committed(d.name):
+                try:
+                    out.append(self.load(d.name))
+                except BadManifest:
+                    continue
+        return sorted(out, key=lambda m: m.created)
+
+    def remove(self, ckpt_id: str) -> None:
+        """Remove the checkpoint's directory: the digest first, so a half-removed checkpoint is
+        never listed."""
+        d = self.dir(ckpt_id)
+        (d / "manifest.json.sha256").unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def add_rescue(self, name: str, paths: list[str]) -> None:
+        """Record a rescue snapshot (the contents a restore replaced), so it is listed."""
+        data = json.dumps({"name": name, "paths": paths}).encode()
+        write_atomic(self.root / "rescues" / f"{check_id(name, 'rescue name')}.json", data)
+
+    def rescues(self) -> list[dict]:
+        out = []
+        for p in sorted((self.root / "rescues").glob("*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (json.JSONDecodeError, OSError):
+                continue
+        return out
+
+    def remove_rescue(self, name: str) -> None:
+        (self.root / "rescues" / f"{check_id(name, 'rescue name')}.json").unlink(missing_ok=True)

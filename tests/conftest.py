@@ -1,0 +1,161 @@
+"""Shared test bed: real loopback btrfs volumes, a scratch store, workloads in cgroups of
+their own, and the fscr command line run as a user runs it.
+
+Everything a fixture creates it removes at teardown, even when the test fails: the processes
+it started (by PID, found in the cgroups it created), mounts, loop devices, cgroups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fscr.process import freezer
+
+HERE = Path(__file__).parent
+WORKLOAD = HERE / "workloads" / "w.py"
+FSCR = Path(sys.executable).parent / "fscr"
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Volume:
+    """A btrfs subvolume `path` on a fresh loopback filesystem mounted at `mnt`."""
+
+    mnt: Path
+    path: Path
+    loop: str
+
+
+@pytest.fixture
+def btrfs_volume(tmp_path: Path, workloads: Workloads) -> Iterator[Volume]:
+    img = tmp_path / "btrfs.img"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    loop = sh("losetup", "--find", "--show", str(img))
+    try:
+        sh("mkfs.btrfs", "-q", loop)
+        sh("mount", loop, str(mnt))
+        try:
+            vol = mnt / "vol"
+            sh("btrfs", "subvolume", "create", str(vol))
+            yield Volume(mnt, vol, loop)
+        finally:
+            workloads.kill_all()  # restored processes hold files on the volume
+            _umount(mnt)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        img.unlink(missing_ok=True)
+
+
+def _umount(mnt: Path) -> None:
+    for _ in range(50):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"cannot unmount {mnt}: still busy")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@dataclass
+class Workloads:
+    """Starts workloads with `fscr run` and remembers their cgroups, so teardown can kill
+    exactly the processes the test started (and their restored successors) by PID."""
+
+    cgroups: list[str] = field(default_factory=list)
+
+    def start(self, kind: str, *args: str, name: str | None = None) -> tuple[int, str]:
+        name = name or f"t{secrets.token_hex(4)}"
+        out = fscr("run", "--name", name, "--json", "--", sys.executable, str(WORKLOAD), kind,
+                   *args)
+        info = json.loads(out.stdout)
+        self.cgroups.append(info["cgroup"])
+        return info["pid"], name
+
+    def pids(self) -> list[int]:
+        out = []
+        for rel in self.cgroups:
+            cg = freezer.at(rel)
+            if cg.exists():
+                out += cg.procs()
+        return out
+
+    def kill_all(self) -> None:
+        for rel in self.cgroups:
+            cg = freezer.at(rel)
+            if not cg.exists():
+                continue
+            if cg.frozen():
+                cg.thaw()
+            for pid in cg.procs():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_for(lambda cg=cg: not cg.procs(), 10, f"workload in {rel} to die")
+            cg.remove()
+        self.cgroups.clear()
+
+
+@pytest.fixture
+def workloads() -> Iterator[Workloads]:
+    w = Workloads()
+    yield w
+    w.kill_all()
+
+
+def fscr(*args: str, store: Path | None = None, check: bool = True,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the fscr command line as a user would."""
+    full_env = dict(os.environ) | (env or {})
+    if store is not None:
+        full_env["FSCR_STORE"] = str(store)
+    proc = subprocess.run([str(FSCR), *args], capture_output=True, text=True, env=full_env,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fscr {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def lines(path: Path) -> list[int]:
+    """The integers a counter wrote, one per line (a torn last line is dropped)."""
+    text = path.read_text()
+    return [int(x) for x in text.split("\n")[:-1] if x]

@@ -1,0 +1,160 @@
+"""Small workloads for the tests, one per subcommand. Each runs in DIR (on the test volume)
+and reports through files there, so a restore rolls the reports back with everything else.
+
+counter DIR           appends 1, 2, 3, ... to DIR/history, one line per tick; a restored run
+                      must continue without a gap or a repeat (memory and file agree)
+writer DIR            appends 64-byte records to DIR/data; before each write, checks that the
+                      file length equals its in-memory record count (else writes DIR/MISMATCH)
+tree DIR              a parent and two children, each counting into DIR/tree-<who>
+unlinked0 DIR SIZE    a SIZE-byte file, unlinked while open (nlink 0), fd kept at an offset;
+                      reports size, offset, nlink, sha256 to DIR/unlinked0.json on request
+relinked DIR          opens "a", links it to "b", unlinks "a", creates a new "a"; when DIR/go
+                      appears, writes "via-old-fd" through the old fd and creates DIR/done
+socketpair DIR        a parent and child ping-pong a counter over a socketpair into DIR/sp
+tcp DIR PORT          a server and a client on 127.0.0.1:PORT exchanging a counter
+"""
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+TICK = 0.02
+
+
+def atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def counter(d):
+    n = 0
+    fd = os.open(os.path.join(d, "history"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    while True:
+        n += 1
+        os.write(fd, f"{n}\n".encode())
+        time.sleep(TICK)
+
+
+def writer(d):
+    rec = b"r" * 63 + b"\n"
+    count = 0
+    fd = os.open(os.path.join(d, "data"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    while True:
+        if os.fstat(fd).st_size != count * len(rec):
+            atomic(os.path.join(d, "MISMATCH"), f"{os.fstat(fd).st_size} != {count}*64\n")
+            sys.exit(3)
+        os.write(fd, rec)
+        count += 1
+        time.sleep(TICK)
+
+
+def tree(d):
+    for who in ("child1", "child2"):
+        if os.fork() == 0:
+            counter_into(os.path.join(d, f"tree-{who}"))
+    counter_into(os.path.join(d, "tree-parent"))
+
+
+def counter_into(path):
+    n = 0
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    while True:
+        n += 1
+        os.write(fd, f"{n}\n".encode())
+        time.sleep(TICK)
+
+
+def unlinked0(d, size):
+    size = int(size)
+    path = os.path.join(d, "big")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+    block = hashlib.sha256(b"fscr").digest() * (1 << 15)  # 1 MiB of a known pattern
+    left = size
+    while left > 0:
+        left -= os.write(fd, block[: min(left, len(block))])
+    os.unlink(path)
+    os.lseek(fd, size // 3, os.SEEK_SET)
+    report_loop(d, fd, "unlinked0.json")
+
+
+def report_loop(d, fd, name):
+    """On DIR/report-<name> appearing, write size, offset, nlink and sha256 of fd's data."""
+    trigger = os.path.join(d, f"report-{name}")
+    while True:
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            st = os.fstat(fd)
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
+            h = hashlib.sha256()
+            off = 0
+            while chunk := os.pread(fd, 1 << 20, off):
+                h.update(chunk)
+                off += len(chunk)
+            atomic(os.path.join(d, name), json.dumps(
+                {"size": st.st_size, "pos": pos, "nlink": st.st_nlink, "sha256": h.hexdigest()}))
+        time.sleep(TICK)
+
+
+def relinked(d):
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    fd = os.open(a, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, b"old-a:")
+    os.link(a, b)
+    os.unlink(a)
+    with open(a, "w") as f:
+        f.write("new-a:")
+    atomic(os.path.join(d, "ready"), "1")
+    while not os.path.exists(os.path.join(d, "go")):
+        time.sleep(TICK)
+    os.write(fd, b"via-old-fd")
+    atomic(os.path.join(d, "done"), "1")
+    while True:
+        time.sleep(1)
+
+
+def socketpair(d):
+    s1, s2 = socket.socketpair()
+    if os.fork() == 0:
+        s1.close()
+        while True:
+            n = int(s2.recv(32))
+            s2.send(str(n + 1).encode())
+    s2.close()
+    fd = os.open(os.path.join(d, "sp"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    n = 0
+    while True:
+        s1.send(str(n).encode())
+        n = int(s1.recv(32))
+        os.write(fd, f"{n}\n".encode())
+        n += 1
+        time.sleep(TICK)
+
+
+def tcp(d, port):
+    port = int(port)
+    srv = socket.create_server(("127.0.0.1", port))
+    if os.fork() == 0:
+        srv.close()
+        c = socket.create_connection(("127.0.0.1", port))
+        n = 0
+        while True:
+            c.send(f"{n}\n".encode())
+            n = int(c.recv(32)) + 1
+            time.sleep(TICK)
+    conn, _ = srv.accept()
+    fd = os.open(os.path.join(d, "tcp"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    while True:
+        n = int(conn.recv(32))
+        os.write(fd, f"{n}\n".encode())
+        conn.send(str(n).encode())
+
+
+if __name__ == "__main__":
+    cmd, d, *rest = sys.argv[1:]
+    os.chdir(d)
+    globals()[cmd](d, *rest)
