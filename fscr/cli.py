@@ -170,13 +170,14 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     def text() -> None:
         for key in ("id", "created", "hostname", "backend", "snapshot", "mode", "root_pid",
                     "image_bytes", "manifest_sha256"):
-            click.echo(f"{key:<16} {data[key]}")
+            click.echo(f"{key:<20} {data[key]}")
         for v in data["volumes"]:
-            click.echo(f"volume           {v['path']}  snapshot {v['snapshot']}")
+            click.echo(f"volume               {v['path']}  snapshot {v['snapshot']}")
         for r in data["relinks"]:
-            click.echo(f"relinked         {r['original_path']} ({r['method']}, {r['size']} bytes)")
+            click.echo(f"relinked             {r['original_path']} "
+                       f"({r['method']}, {r['size']} bytes)")
         for k, v in data["durations"].items():
-            click.echo(f"{'time ' + k:<16} {v:.3f}s")
+            click.echo(f"{'time ' + k:<20} {v:.3f}s")
 
     emit(data, as_json, text)
 

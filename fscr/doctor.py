@@ -84,8 +84,10 @@ def _btrfs() -> Row:
     except ImportError as e:
         lib = f"btrfsutil missing ({e})"
     ok = "btrfs" in fs and tool is not None and lib == "btrfsutil importable"
-    ver = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
-        if tool else "btrfs-progs missing"
+    ver = "btrfs-progs missing"
+    if tool:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+        ver = out.split("\n")[0]
     return Row("btrfs", ok, True,
                f"{ver}; {lib}" + ("" if "btrfs" in fs else "; kernel has no btrfs"))
 

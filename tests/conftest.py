@@ -42,6 +42,20 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition"):  # noqa: ANN
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fscr_cgroup_parent() -> Iterator[None]:
+    """fscr creates its cgroups under <hierarchy>/fscr; remove that group after the session
+    if the tests brought it into being (and nothing else lives in it)."""
+    parent = freezer.at(freezer.FSCR_GROUP).path
+    existed = parent.exists()
+    yield
+    if not existed and parent.exists():
+        for child in sorted(parent.rglob("*/"), reverse=True):
+            if child.is_dir():
+                child.rmdir()  # fails loudly if a test left a non-empty cgroup
+        parent.rmdir()
+
+
 @dataclass
 class Volume:
     """A btrfs subvolume `path` on a fresh loopback filesystem mounted at `mnt`."""
@@ -157,5 +171,7 @@ def alive(pid: int) -> bool:
 
 def lines(path: Path) -> list[int]:
     """The integers a counter wrote, one per line (a torn last line is dropped)."""
+    if not path.exists():
+        return []
     text = path.read_text()
     return [int(x) for x in text.split("\n")[:-1] if x]

@@ -13,7 +13,8 @@ from ..errors import CriuFailed, MissingDependency
 from . import DumpRequest, RestoreRequest
 
 MIN_VERSION = (4, 2, 1)
-OWN_PREFIX = Path("/opt/fscr/criu-4.2.1/sbin/criu")  # where scripts/setup installs it
+# Where scripts/setup installs it; FSCR_CRIU_PREFIX moves it, for setup and fscr alike.
+OWN_PREFIX = "/opt/fscr/criu-4.2.1"
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def find() -> Found:
     if env:
         candidates = [(env, "from FSCR_CRIU")]
     else:
-        candidates = [(str(OWN_PREFIX), "fscr's own build"), (shutil.which("criu"), "from PATH")]
+        own = os.environ.get("FSCR_CRIU_PREFIX", OWN_PREFIX) + "/sbin/criu"
+        candidates = [(own, "fscr's own build"), (shutil.which("criu"), "from PATH")]
     tried = []
     for path, how in candidates:
         if not path or not os.access(path, os.X_OK):

@@ -11,6 +11,8 @@ unlinked0 DIR SIZE    a SIZE-byte file, unlinked while open (nlink 0), fd kept a
 relinked DIR          opens "a", links it to "b", unlinks "a", creates a new "a"; when DIR/go
                       appears, writes "via-old-fd" through the old fd and creates DIR/done
 socketpair DIR        a parent and child ping-pong a counter over a socketpair into DIR/sp
+pair DIR OTHER         writes n to DIR/pair, then to OTHER/pair (two volumes), n = 1, 2, ...:
+                      a consistent view has DIR's value equal to OTHER's or one ahead
 tcp DIR PORT          a server and a client on 127.0.0.1:PORT exchanging a counter
 """
 
@@ -133,6 +135,17 @@ def socketpair(d):
         os.write(fd, f"{n}\n".encode())
         n += 1
         time.sleep(TICK)
+
+
+def pair(d, other):
+    n = 0
+    while True:
+        n += 1
+        for where in (d, other):
+            fd = os.open(os.path.join(where, "pair"), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.pwrite(fd, f"{n:012d}".encode(), 0)
+            os.close(fd)
+        time.sleep(TICK / 4)
 
 
 def tcp(d, port):

@@ -1,0 +1,270 @@
+"""Checkpoint and restart of a process tree with its btrfs volume, with real CRIU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import alive, fscr, lines, wait_for
+
+
+def relinks_on(volume: Path) -> list[str]:
+    d = volume / "lost+found" / "checkpoint"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def checkpoint(store: Path, *args: str) -> dict:
+    return json.loads(fscr("checkpoint", "--json", *args, store=store).stdout)
+
+
+def restore(store: Path, *args: str) -> dict:
+    return json.loads(fscr("restore", "--json", *args, store=store).stdout)
+
+
+def grows(path: Path, after: int, timeout: float = 10) -> list[int]:
+    return wait_for(lambda: (v := lines(path)) and len(v) > after and v, timeout,
+                    f"{path} to grow past {after} lines")
+
+
+def test_counter_killed_and_restored_continues_where_it_was(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 5)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    wait_for(lambda: not alive(pid), 5, "the tree to be killed")
+    at_checkpoint = lines(Path(m["volumes"][0]["snapshot"]) / "history")
+
+    r = restore(store, m["id"])
+    assert r["pid"] == pid
+    after = grows(vol / "history", len(at_checkpoint) + 5)
+    # The restored process counts on from its in-memory value, and that value matched the
+    # file: no gap, no repeat, the checkpoint's lines kept as they were.
+    assert after == list(range(1, len(after) + 1))
+    assert after[: len(at_checkpoint)] == at_checkpoint
+    assert relinks_on(vol) == []
+
+
+def test_restore_rolls_file_and_memory_back_together(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("writer", str(vol))
+    wait_for(lambda: (vol / "data").exists() and (vol / "data").stat().st_size > 640)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    snap_size = (Path(m["volumes"][0]["snapshot"]) / "data").stat().st_size
+    # It keeps writing after the checkpoint (--leave-running is the default).
+    wait_for(lambda: (vol / "data").stat().st_size > snap_size + 640)
+
+    restore(store, m["id"], "--replace")
+    # Rolled back: the file restarts from the checkpoint's length, which is what the restored
+    # process counts in memory; it checks that before every write and stops if they differ.
+    assert (vol / "data").stat().st_size < snap_size + 640
+    wait_for(lambda: (vol / "data").stat().st_size > snap_size + 640)
+    assert not (vol / "MISMATCH").exists()
+    assert alive(pid)
+
+
+def test_write_through_old_fd_reaches_the_old_inode_not_the_new_file(btrfs_volume, workloads,
+                                                                      store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("relinked", str(vol))
+    wait_for(lambda: (vol / "ready").exists())
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert [r["method"] for r in m["relinks"]] == ["link"]
+    assert relinks_on(vol) == []
+
+    restore(store, m["id"])
+    assert relinks_on(vol) == []
+    (vol / "go").touch()
+    wait_for(lambda: (vol / "done").exists())
+    assert (vol / "b").read_text() == "old-a:via-old-fd"
+    assert (vol / "a").read_text() == "new-a:"
+
+
+def test_large_unlinked_file_is_kept_by_reflink_not_in_the_image(btrfs_volume, workloads,
+                                                                 store):
+    vol = btrfs_volume.path
+    size = 200 << 20
+    pid, _ = workloads.start("unlinked0", str(vol), str(size))
+    wait_for(lambda: f"{vol}/big (deleted)" in
+             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
+             30, "the 200 MB file to be written and unlinked")
+    (vol / "report-unlinked0.json").touch()
+    before = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
+                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
+    (vol / "unlinked0.json").unlink()
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert [r["method"] for r in m["relinks"]] == ["reflink"]
+    assert m["image_bytes"] < size // 10
+
+    restore(store, m["id"])
+    assert relinks_on(vol) == []
+    (vol / "report-unlinked0.json").touch()
+    after = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
+                                and (vol / "unlinked0.json").read_text(), 30, "report"))
+    assert after == before
+    assert after["nlink"] == 0 and after["size"] == size and after["pos"] == size // 3
+
+
+def test_process_tree_survives_checkpoint_and_restore(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, name = workloads.start("tree", str(vol))
+    for who in ("parent", "child1", "child2"):
+        grows(vol / f"tree-{who}", 3)
+    m = checkpoint(store, "--name", name, "--volume", str(vol), "--kill")
+    snap = Path(m["volumes"][0]["snapshot"])
+    assert len(json.loads(fscr("show", m["id"], "--json", store=store).stdout)["tasks"]) == 3
+
+    restore(store, m["id"])
+    for who in ("parent", "child1", "child2"):
+        n = len(lines(snap / f"tree-{who}"))
+        got = grows(vol / f"tree-{who}", n + 3)
+        assert got == list(range(1, len(got) + 1))
+
+
+def test_socketpair_survives_checkpoint_and_restore(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("socketpair", str(vol))
+    grows(vol / "sp", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    n = len(lines(Path(m["volumes"][0]["snapshot"]) / "sp"))
+    restore(store, m["id"])
+    got = grows(vol / "sp", n + 5)
+    assert got == list(range(1, 2 * len(got), 2))  # the child answers n + 1 every time
+
+
+def test_freeze_only_snapshots_all_volumes_at_one_instant_and_leaves_tree_running(
+        btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    other = btrfs_volume.mnt / "other"
+    subprocess.run(["btrfs", "subvolume", "create", str(other)], check=True,
+                   capture_output=True)
+    pid, _ = workloads.start("pair", str(vol), str(other))
+    wait_for(lambda: (other / "pair").exists())
+    for _ in range(5):
+        m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--volume", str(other),
+                       "--backend", "freeze-only")
+        a, b = (int((Path(v["snapshot"]) / "pair").read_text()) for v in m["volumes"])
+        assert a - b in (0, 1), (a, b)  # written in that order: one instant shows a == b or +1
+        assert m["image_bytes"] == 0
+    assert alive(pid)
+    last = int((vol / "pair").read_text())
+    wait_for(lambda: int((vol / "pair").read_text()) > last, 5, "the tree to keep running")
+
+
+def test_restore_of_a_running_tree_needs_replace_and_changes_nothing(btrfs_volume, workloads,
+                                                                     store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    n = len(grows(vol / "history", len(lines(Path(m["volumes"][0]["snapshot"]) / "history"))
+                  + 10))
+
+    out = fscr("restore", m["id"], store=store, check=False)
+    assert out.returncode == 10 and "--replace" in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert len(lines(vol / "history")) >= n  # the volume was not rolled back
+    assert json.loads(fscr("list", "--json", store=store).stdout)["rescues"] == []
+    assert alive(pid)
+
+    r = restore(store, m["id"], "--replace")
+    assert r["pid"] == pid and len(r["rescue_snapshots"]) == 1
+    got = grows(vol / "history", n)
+    assert got == list(range(1, len(got) + 1))
+
+
+def test_snapshot_none_refuses_a_tree_holding_unlinked_files(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("relinked", str(vol))
+    wait_for(lambda: (vol / "ready").exists())
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--snapshot", "none",
+               store=store, check=False)
+    assert out.returncode == 15 and "unlinked" in out.stderr
+    assert relinks_on(vol) == []
+    assert alive(pid) and not _frozen(pid)
+    assert json.loads(fscr("list", "--json", store=store).stdout)["checkpoints"] == []
+
+
+def _frozen(pid: int) -> bool:
+    from fscr.process import freezer
+
+    return freezer.cgroup_of(pid).frozen()
+
+
+def test_criu_failure_leaves_the_workload_running_and_no_residue(btrfs_volume, workloads,
+                                                                  store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("tcp", str(vol), "47311")
+    grows(vol / "tcp", 3)
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "failing",
+               store=store, check=False)
+    # An established TCP connection: CRIU refuses it without --tcp-established.
+    assert out.returncode == 7
+    assert "criu-dump.log" in out.stderr and "Traceback" not in out.stderr
+    assert alive(pid) and not _frozen(pid)
+    n = len(lines(vol / "tcp"))
+    grows(vol / "tcp", n + 3)
+    assert relinks_on(vol) == []
+    assert not (btrfs_volume.mnt / ".fscr-snapshots" / "failing").exists()
+    assert not (store / "checkpoints" / "failing").exists()
+
+
+def test_clear_errors_for_bad_input(btrfs_volume, workloads, store, tmp_path):
+    vol = btrfs_volume.path
+    cases = [
+        (["checkpoint", "--pid", "999999", "--volume", str(vol)], 4, "no such process"),
+        (["checkpoint", "--pid", "1", "--volume", str(vol)], 4, "PID 1"),
+        (["checkpoint", "--pid", str(os.getpid()), "--volume", str(tmp_path)], 5,
+         "not a btrfs subvolume"),
+        (["checkpoint", "--pid", str(os.getpid()), "--volume", str(btrfs_volume.mnt)], 5,
+         "mount point"),
+        (["restore", "nosuchid"], 6, "no checkpoint nosuchid"),
+        (["checkpoint", "--pid", "1", "--volume", str(vol), "--id", "bad-id"], 16, "invalid"),
+    ]
+    for args, code, text in cases:
+        out = fscr(*args, store=store, check=False)
+        assert (out.returncode, text in out.stderr) == (code, True), (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_restore_refuses_a_corrupt_manifest(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    manifest = store / "checkpoints" / m["id"] / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"kill"', '"Kill"'))
+    before = sorted(os.listdir(vol))
+    out = fscr("restore", m["id"], store=store, check=False)
+    assert out.returncode == 9 and "sha256" in out.stderr
+    assert sorted(os.listdir(vol)) == before and not alive(pid)
+    time.sleep(0.1)
+
+
+def test_tree_sharing_its_cgroup_is_frozen_alone_and_put_back(btrfs_volume, workloads, store):
+    from fscr.process import freezer
+
+    vol = btrfs_volume.path
+    pid, name = workloads.start("counter", str(vol))
+    cg = freezer.cgroup_of(pid)
+    (vol / "other").mkdir()
+    # A second, unrelated process in the same cgroup: it must never be frozen or dumped.
+    neighbour, _ = workloads.start("counter", str(vol / "other"))
+    cg.add(neighbour)
+    assert sorted(cg.procs()) == sorted([pid, neighbour])
+    grows(vol / "history", 3)
+
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert len(json.loads(fscr("show", m["id"], "--json", store=store).stdout)["tasks"]) == 1
+    assert cg.procs() == [neighbour] and alive(neighbour)
+    assert not freezer.at(f"fscr/ckpt_{m['id']}").exists()
+    n = len(lines(vol / "other" / "history"))
+    grows(vol / "other" / "history", n + 3)  # the neighbour ran on
+
+    restore(store, m["id"], "--force")  # the neighbour holds files on the volume
+    assert sorted(cg.procs()) == sorted([pid, neighbour])  # back where it lived
+    assert not freezer.at(f"fscr/ckpt_{m['id']}").exists()
+    got = grows(vol / "history", len(lines(Path(m["volumes"][0]["snapshot"]) / "history")) + 3)
+    assert got == list(range(1, len(got) + 1))
