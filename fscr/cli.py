@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import click
 from rich.console import Console
 
 from . import doctor as doctor_mod
+from . import gc as gc_mod
 from . import pipeline
 from .errors import FscrError, MissingDependency
 from .manifest import Manifest
@@ -31,8 +33,19 @@ def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
 def progress_printer(as_json: bool) -> pipeline.Progress:
     """Stage names on a terminal; silent for scripts (not a tty, or --json)."""
     if as_json or not sys.stderr.isatty():
-        return pipeline._quiet
+        return pipeline.quiet
     return lambda stage: err.print(f"[dim]fscr: {stage}…[/dim]")
+
+
+def notice_unfinished(store: str | None) -> None:
+    """One line when runs died unfinished: their residue waits for `fscr gc`."""
+    if os.geteuid() != 0:
+        return
+    dead = gc_mod.unfinished(Store.open(store))
+    if dead:
+        ids = ", ".join(f"{r.op} {r.id}" for r in dead)
+        err.print(f"fscr: warning: {len(dead)} unfinished run(s) whose fscr is gone ({ids}); "
+                  "run `fscr gc` to clean up", markup=False, highlight=False, soft_wrap=True)
 
 
 def target_of(pid: int | None, cgroup: str | None, name: str | None) -> Target:
@@ -106,14 +119,18 @@ def run(name: str | None, log: str | None, as_json: bool, argv: tuple[str, ...])
 @click.option("--leave-running/--kill", default=True,
               help="Keep the tree running after the dump (default) or kill it.")
 @click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
+@click.option("--max-freeze", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds the tree may stay frozen; past that the watchdog thaws it and the "
+                   "checkpoint is aborted.")
 @store_opt
 @json_opt
-def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, ckpt_id, store,
-               as_json) -> None:  # noqa: ANN001 - click passes the options
+def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, ckpt_id,
+               max_freeze, store, as_json) -> None:  # noqa: ANN001 - click passes the options
     """Checkpoint a process tree and its volumes at one frozen instant."""
+    notice_unfinished(store)
     req = pipeline.CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
-        backend=backend, kill=not leave_running, id=ckpt_id, store=store)
+        backend=backend, kill=not leave_running, id=ckpt_id, store=store, max_freeze=max_freeze)
     m = pipeline.checkpoint(req, progress_printer(as_json))
     emit(summary(m), as_json, lambda: click.echo(m.id))
 
@@ -129,6 +146,7 @@ def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, ckp
 def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, store: str | None,
             as_json: bool) -> None:
     """Put the volumes back and restore the processes; print the new root PID."""
+    notice_unfinished(store)
     r = pipeline.restore(ckpt_id, store, replace=replace, force=force,
                          volumes_only=volumes_only, progress=progress_printer(as_json))
     data = {"id": r.id, "pid": r.pid, "rescue_snapshots": r.rescues, "durations": r.durations}
@@ -140,6 +158,7 @@ def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, store:
 @json_opt
 def list_(store: str | None, as_json: bool) -> None:
     """List checkpoints and rescue snapshots."""
+    notice_unfinished(store)
     st = Store.open(store)
     rows = [summary(m) for m in st.list()]
     rescues = st.rescues()
@@ -161,6 +180,7 @@ def list_(store: str | None, as_json: bool) -> None:
 @json_opt
 def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Show one checkpoint and its manifest digest."""
+    notice_unfinished(store)
     st = Store.open(store)
     m = st.load(ckpt_id)
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
@@ -189,8 +209,29 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
 def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Delete a checkpoint (snapshots and images) or a rescue snapshot."""
     pipeline.require_root()
+    notice_unfinished(store)
     removed = pipeline.delete(ckpt_id, store)
     emit({"removed": removed}, as_json, lambda: [click.echo(f"removed {p}") for p in removed])
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+@store_opt
+@json_opt
+def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
+    """Finish or undo runs whose fscr died: thaw, remove relinks, half-made snapshots."""
+    pipeline.require_root()
+    report = gc_mod.collect(Store.open(store), dry_run=dry_run)
+
+    def text() -> None:
+        if not report:
+            click.echo("nothing to do: no unfinished run")
+        for r in report:
+            click.echo(f"{r['op']} {r['id']} (fscr PID {r['pid']} is gone):")
+            for a in r["actions"]:
+                click.echo(f"  {'would ' if dry_run else ''}{a}")
+
+    emit({"dry_run": dry_run, "runs": report}, as_json, text)
 
 
 def main() -> None:

@@ -87,3 +87,9 @@ class BadInput(FscrError):
     """A malformed argument: a checkpoint id, a name."""
 
     exit_code = 16
+
+
+class FreezeTimeout(FscrError):
+    """The watchdog thawed the tree (--max-freeze passed, or fscr was dying): run aborted."""
+
+    exit_code = 17

@@ -5,8 +5,9 @@ with the fscr PID and start time), then each effect ("moved", "freeze", "relink"
 "criu", "swap", ...). A run that finishes removes its journal; one whose owner is gone is
 unfinished, and `fscr gc` reads it to undo or complete what the run did.
 
-Test facility: FSCR_TEST_KILL_AT=<event> makes fscr SIGKILL itself right after it noted that
-event (docs/testing.md), to prove every stage is recoverable.
+Test facilities (docs/testing.md): FSCR_TEST_KILL_AT=<event> makes fscr SIGKILL itself right
+after it noted that event, to prove every stage is recoverable; FSCR_TEST_PAUSE_AT=<event>:<s>
+makes it sleep there, to stretch a stage (the watchdog's --max-freeze is tested so).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from .process.tree import read_stat
 
 KILL_AT_ENV = "FSCR_TEST_KILL_AT"
+PAUSE_AT_ENV = "FSCR_TEST_PAUSE_AT"
 
 
 @dataclass
@@ -28,11 +31,13 @@ class Journal:
     path: Path
 
     @classmethod
-    def begin(cls, store_root: Path, ckpt_id: str, op: str) -> Journal:
+    def begin(cls, store_root: Path, ckpt_id: str, op: str, **data: Any) -> Journal:
+        """Start the journal of a run; `data` (volumes, snapshot kind) tells gc where to look."""
         path = store_root / "journal" / f"{ckpt_id}.{op}.jsonl"
         j = cls(path)
         me = read_stat(os.getpid())
-        j.note("begin", op=op, id=ckpt_id, pid=os.getpid(), starttime=me.starttime if me else 0)
+        j.note("begin", op=op, id=ckpt_id, pid=os.getpid(),
+               starttime=me.starttime if me else 0, **data)
         return j
 
     def note(self, event: str, **data: Any) -> None:
@@ -45,6 +50,9 @@ class Journal:
             os.close(fd)
         if os.environ.get(KILL_AT_ENV) == event:
             os.kill(os.getpid(), signal.SIGKILL)
+        pause_event, _, seconds = os.environ.get(PAUSE_AT_ENV, "").partition(":")
+        if pause_event == event:
+            time.sleep(float(seconds))
 
     def close(self) -> None:
         """The run finished (or was fully undone): nothing is left for gc."""

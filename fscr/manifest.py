@@ -103,6 +103,7 @@ class Manifest(Record):
     snapshot: Literal["btrfs", "none"]
     mode: Literal["leave-running", "kill"]
     root: TaskRecord
+    lineage: TaskRecord  # the root first checkpointed, across restores (store.py)
     tasks: list[TaskRecord]
     cgroup: CgroupRecord
     volumes: list[VolumeRecord]

@@ -1,9 +1,11 @@
 """Checkpoint and restore as named stages, side by side. Each side effect is journaled first.
 
-checkpoint: resolve -> isolate -> freeze -> scan -> relink -> snapshot -> dump -> unrelink
-            -> thaw -> commit
-restore:    validate -> make room -> swap volumes in -> reopen relinks -> CRIU restore
+checkpoint: check -> lock -> isolate -> watchdog -> freeze -> scan -> relink -> snapshot
+            -> dump -> unrelink -> commit -> (kill) -> thaw
+restore:    validate -> lock -> make room -> swap volumes in -> reopen relinks -> CRIU restore
             -> unlink relinks -> seal rescue snapshots
+
+What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import backends, relink, snapshot
+from . import backends, locks, relink, snapshot
 from .backends import DumpRequest, RestoreRequest
 from .errors import (
     BadManifest,
+    FreezeTimeout,
     FscrError,
     NoSuchCheckpoint,
     NotRoot,
@@ -37,20 +40,23 @@ from .manifest import (
     CgroupRecord,
     ImageFile,
     Manifest,
+    Relink,
     TaskRecord,
     VolumeRecord,
     check_id,
 )
 from .process import freezer
-from .process.files import holders, open_files
+from .process.files import OpenFile, holders, open_files
+from .process.freezer import Cgroup
 from .process.target import Target, isolate, put_back, resolve
 from .process.tree import Task, descendants, read_stat
 from .store import Store
+from .watchdog import Watchdog
 
 Progress = Callable[[str], None]
 
 
-def _quiet(stage: str) -> None:
+def quiet(stage: str) -> None:
     pass
 
 
@@ -63,21 +69,36 @@ def new_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(2)
 
 
+def volume_lock(path: Path) -> str:
+    return f"volume {os.path.realpath(path)}"
+
+
 @dataclass
 class Timings:
     """Durations of the named stages, in seconds."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    progress: Progress = quiet
 
     @contextmanager
-    def stage(self, name: str, progress: Progress) -> Iterator[None]:
-        progress(name)
+    def stage(self, name: str) -> Iterator[None]:
+        self.progress(name)
         t0 = time.monotonic()
         try:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - t0, 6)
 
+
+def _noting_pid(journal: Journal) -> Callable[[int], None]:
+    """A callback that journals a started CRIU's identity, so gc and the watchdog find it."""
+    def started(pid: int) -> None:
+        st = read_stat(pid)
+        journal.note("criu", pid=pid, starttime=st.starttime if st else 0)
+    return started
+
+
+# ---------------------------------------------------------------------------- checkpoint
 
 @dataclass(frozen=True)
 class CheckpointRequest:
@@ -88,13 +109,15 @@ class CheckpointRequest:
     kill: bool = False
     id: str | None = None
     store: str | None = None
+    max_freeze: float = 30.0
 
 
-def checkpoint(req: CheckpointRequest, progress: Progress = _quiet) -> Manifest:
+def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     """Checkpoint the target tree and its volumes at one frozen instant.
 
-    On failure the tree is thawed (and back in its cgroup), relinks are gone from the volumes,
-    and this run's snapshots and image directory are removed.
+    On failure the tree is thawed and back in its cgroup, relinks are gone from the volumes,
+    and this run's snapshots and checkpoint directory are removed. If fscr itself dies, the
+    watchdog thaws the tree and `fscr gc` removes the rest.
     """
     require_root()
     store = Store.open(req.store)
@@ -108,104 +131,177 @@ def checkpoint(req: CheckpointRequest, progress: Progress = _quiet) -> Manifest:
         provider.check(vol)
     backend.check()
     root, named = resolve(req.target)
-    store.reserve(ckpt_id)
-    journal = Journal.begin(store.root, ckpt_id, "checkpoint")
-    t = Timings()
-    snaps: list[str] = []
-    try:
-        for vol in volumes:
-            syncfs(vol)  # so the snapshot does not flush dirty data inside the frozen window
-        with t.stage("isolate", progress):
-            journal.note("isolate", root=root)
-            cg, moved = isolate(root, named, ckpt_id)
-            journal.note("moved", cgroup=str(cg.path), moved=moved)
+    root_task = descendants(root)[0]
+    keys = [volume_lock(v) for v in volumes] + [f"workload PID {root} ({root_task.starttime})"]
+    with locks.hold(keys, progress):
+        if store.exists(ckpt_id):
+            raise FscrError(f"checkpoint id {ckpt_id} already exists in {store.root}")
+        run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
+                          Timings(progress=progress))
+        return run.execute(named)
+
+
+@dataclass
+class _Checkpoint:
+    req: CheckpointRequest
+    store: Store
+    id: str
+    provider: snapshot.Provider
+    backend: backends.Backend
+    volumes: list[Path]
+    root: int
+    t: Timings
+    snaps: list[str] = field(default_factory=list)
+    committed: bool = False
+
+    def execute(self, named: Cgroup | None) -> Manifest:
+        self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
+                                     volumes=[str(v) for v in self.volumes],
+                                     snapshot=self.provider.name)
+        self.store.reserve(self.id)
         try:
-            m = _frozen_window(req, store, journal, t, progress, ckpt_id, root, cg, moved,
-                               volumes, provider, backend, snaps)
+            for vol in self.volumes:
+                syncfs(vol)  # so the snapshot does not flush dirty data in the frozen window
+            with self.t.stage("isolate"):
+                self.journal.note("isolate", root=self.root)
+                cg, moved = isolate(self.root, named, self.id, self.journal.note)
+            try:
+                m = self.frozen_window(cg, moved)
+            finally:
+                if moved:
+                    put_back(moved, cg)
+        except BaseException:
+            if not self.committed:  # after a --kill commit the checkpoint is all that's left
+                for s in self.snaps:
+                    self.provider.delete(s)
+                self.store.remove(self.id)
+            self.journal.close()
+            raise
+        self.journal.close()
+        return m
+
+    def frozen_window(self, cg: Cgroup, moved: dict[int, str]) -> Manifest:
+        dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
+        self.journal.note("freeze", cgroup=str(cg.path), kind=cg.kind)
+        t0 = time.monotonic()
+        m = None
+        try:
+            cg.freeze()
+            tasks, relinks = self.capture(cg, dog)
+            if self.req.kill:
+                # Commit while the tree is still frozen, then kill it: a run that dies before
+                # the commit leaves the tree running (the watchdog or gc thaws it).
+                m = self.commit(tasks, cg, moved, relinks, time.monotonic() - t0)
+                self.journal.note("kill", pids=[x.pid for x in tasks])
+                for x in tasks:
+                    os.kill(x.pid, signal.SIGKILL)  # delivered once thawed
         finally:
-            if moved:
-                put_back(moved, cg)
-    except BaseException:
-        for s in snaps:
-            provider.delete(s)
-        store.remove(ckpt_id)
-        journal.close()
-        raise
-    store.commit(m)
-    journal.close()
-    return m
+            self.journal.note("thaw", cgroup=str(cg.path))
+            cg.thaw()
+            window = time.monotonic() - t0
+            why = dog.stop()
+        if m is not None:
+            return m
+        if why is not None:
+            raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
+        return self.commit(tasks, cg, moved, relinks, window)
 
+    def capture(self, cg: Cgroup, dog: Watchdog) -> tuple[list[Task], list[Relink]]:
+        """Everything done while frozen: scan, relink, snapshot, dump, unrelink."""
+        with self.t.stage("scan"):
+            tasks = descendants(self.root)  # again: it may have changed before the freeze
+            unlinked = self.unlinked_files(tasks)
+        try:
+            relinks = self.relink(unlinked)
+            self.check(dog)
+            with self.t.stage("snapshot"):
+                for n, vol in enumerate(self.volumes):
+                    self.journal.note("snapshot", volume=str(vol), n=n)
+                    self.snaps.append(self.provider.create(vol, self.id, n))
+            self.check(dog)
+            self.dump(cg, list(unlinked))
+        finally:
+            with self.t.stage("unrelink"):
+                for vol in self.volumes:
+                    relink.remove_relinks(vol, self.id)
+        self.check(dog)
+        return tasks, relinks
 
-def _frozen_window(req, store, journal, t, progress, ckpt_id, root, cg, moved, volumes,
-                   provider, backend, snaps) -> Manifest:  # noqa: ANN001 - internal stage
-    devs = {os.stat(v).st_dev: v for v in volumes}
-    journal.note("freeze", cgroup=str(cg.path), kind=cg.kind)
-    t0 = time.monotonic()
-    cg.freeze()
-    try:
-        with t.stage("scan", progress):
-            tasks = descendants(root)  # again: the tree may have changed before the freeze
-            files = [f for task in tasks for f in open_files(task.pid)]
-            unlinked = {}
-            for f in files:
+    def commit(self, tasks: list[Task], cg: Cgroup, moved: dict[int, str],
+               relinks: list[Relink], window: float) -> Manifest:
+        m = self.manifest(tasks, cg, moved, relinks, window)
+        self.journal.note("commit")
+        self.store.commit(m)
+        self.committed = True
+        return m
+
+    def check(self, dog: Watchdog) -> None:
+        why = dog.fired()
+        if why is not None:
+            raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
+
+    def unlinked_files(self, tasks: list[Task]) -> dict[str, OpenFile]:
+        """Unlinked-but-open files on the volumes, one per inode (CRIU's external key)."""
+        devs = {os.stat(v).st_dev for v in self.volumes}
+        unlinked: dict[str, OpenFile] = {}
+        for task in tasks:
+            for f in open_files(task.pid):
                 if f.deleted and f.dev in devs:
                     unlinked.setdefault(f.external_key, f)
-        if unlinked and provider.name == "none":
+        if unlinked and self.provider.name == "none":
             raise Refused(
                 f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "
-                "and --snapshot none has nothing to keep their data: use --snapshot btrfs"
-            )
-        relinks = []
-        try:
-            with t.stage("relink", progress):
-                for n, f in enumerate(unlinked.values()):
-                    vol = devs[f.dev]
-                    journal.note("relink", volume=str(vol), name=relink.relink_name(ckpt_id, n))
-                    relinks.append(relink.relink(f, vol, ckpt_id, n))
-            with t.stage("snapshot", progress):
-                for n, vol in enumerate(volumes):
-                    journal.note("snapshot", volume=str(vol), n=n)
-                    snaps.append(provider.create(vol, ckpt_id, n))
-            with t.stage("dump", progress):
-                journal.note("dump", images=str(store.images(ckpt_id)))
-                backend.dump(DumpRequest(
-                    root_pid=root, images=store.images(ckpt_id),
-                    log=store.dir(ckpt_id) / "criu-dump.log", freeze_cgroup=cg.path,
-                    externals=list(unlinked), leave_running=not req.kill))
-        finally:
-            with t.stage("unrelink", progress):
-                for vol in volumes:
-                    relink.remove_relinks(vol, ckpt_id)
-    finally:
-        journal.note("thaw", cgroup=str(cg.path))
-        cg.thaw()
-        t.seconds["freeze_window"] = round(time.monotonic() - t0, 6)
-    images = _image_records(store.images(ckpt_id))
-    return Manifest(
-        schema_version=SCHEMA_VERSION,
-        id=ckpt_id,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        hostname=socket.gethostname(),
-        backend=backend.name,
-        snapshot=provider.name,
-        mode="kill" if req.kill else "leave-running",
-        root=TaskRecord(pid=root, starttime=tasks[0].starttime),
-        tasks=[TaskRecord(pid=x.pid, starttime=x.starttime) for x in tasks],
-        cgroup=CgroupRecord(kind=cg.kind, path=cg.rel,
-                            original=moved.get(root, cg.rel) if moved else cg.rel),
-        volumes=[VolumeRecord(n=n, path=str(v), snapshot=s)
-                 for n, (v, s) in enumerate(zip(volumes, snaps, strict=True))],
-        relinks=relinks,
-        images=images,
-        image_bytes=sum(i.size for i in images),
-        durations=t.seconds,
-    )
+                "and --snapshot none has nothing to keep their data: use --snapshot btrfs")
+        return unlinked
+
+    def relink(self, unlinked: dict[str, OpenFile]) -> list[Relink]:
+        devs = {os.stat(v).st_dev: v for v in self.volumes}
+        out = []
+        with self.t.stage("relink"):
+            for n, f in enumerate(unlinked.values()):
+                vol = devs[f.dev]
+                self.journal.note("relink", volume=str(vol), name=relink.relink_name(self.id, n))
+                out.append(relink.relink(f, vol, self.id, n))
+        return out
+
+    def dump(self, cg: Cgroup, externals: list[str]) -> None:
+        with self.t.stage("dump"):
+            self.journal.note("dump", images=str(self.store.images(self.id)))
+            self.backend.dump(DumpRequest(
+                root_pid=self.root, images=self.store.images(self.id),
+                log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
+                externals=externals, leave_running=True), _noting_pid(self.journal))
+            self.journal.note("dumped")
+
+    def manifest(self, tasks: list[Task], cg: Cgroup, moved: dict[int, str],
+                 relinks: list[Relink], window: float) -> Manifest:
+        self.t.seconds["freeze_window"] = round(window, 6)
+        lineage = self.store.lineage_of((self.root, tasks[0].starttime))
+        images = [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha256_file(p))
+                  for p in sorted(self.store.images(self.id).iterdir())]
+        return Manifest(
+            schema_version=SCHEMA_VERSION,
+            id=self.id,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            hostname=socket.gethostname(),
+            backend=self.backend.name,
+            snapshot=self.provider.name,
+            mode="kill" if self.req.kill else "leave-running",
+            root=TaskRecord(pid=self.root, starttime=tasks[0].starttime),
+            lineage=TaskRecord(pid=lineage[0], starttime=lineage[1]),
+            tasks=[TaskRecord(pid=x.pid, starttime=x.starttime) for x in tasks],
+            cgroup=CgroupRecord(kind=cg.kind, path=cg.rel,
+                                original=moved.get(self.root, cg.rel)),
+            volumes=[VolumeRecord(n=n, path=str(v), snapshot=s)
+                     for n, (v, s) in enumerate(zip(self.volumes, self.snaps, strict=True))],
+            relinks=relinks,
+            images=images,
+            image_bytes=sum(i.size for i in images),
+            durations=dict(self.t.seconds),
+        )
 
 
-def _image_records(images: Path) -> list[ImageFile]:
-    return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha256_file(p))
-            for p in sorted(images.iterdir())]
-
+# ------------------------------------------------------------------------------- restore
 
 @dataclass(frozen=True)
 class RestoreResult:
@@ -217,117 +313,158 @@ class RestoreResult:
 
 def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
             force: bool = False, volumes_only: bool = False,
-            progress: Progress = _quiet) -> RestoreResult:
+            progress: Progress = quiet) -> RestoreResult:
     """Put the volumes back as they were at the checkpoint and restore the tree.
 
     Every check runs before anything is killed or swapped. If CRIU fails after the swap, the
-    volumes are swapped back (their rescue copies removed) and RestoreRolledBack is raised.
+    volumes are swapped back (their restored copies removed) and RestoreRolledBack is raised.
     """
     require_root()
     store = Store.open(store_dir)
-    t = Timings()
-    with t.stage("validate", progress):
-        m = store.load(check_id(ckpt_id))
-        store.verify_images(m)
-        provider = snapshot.get(m.snapshot)
-        backend = backends.get(m.backend)
-        processes = backend.writes_image and not volumes_only
+    t = Timings(progress=progress)
+    m = store.load(check_id(ckpt_id))
+    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes], progress):
+        run = _Restore(store, m, t, snapshot.get(m.snapshot), backends.get(m.backend))
+        return run.execute(replace, force, volumes_only)
+
+
+@dataclass
+class _Restore:
+    store: Store
+    m: Manifest
+    t: Timings
+    provider: snapshot.Provider
+    backend: backends.Backend
+
+    def execute(self, replace: bool, force: bool, volumes_only: bool) -> RestoreResult:
+        processes = self.backend.writes_image and not volumes_only
+        with self.t.stage("validate"):
+            live = self.validate(processes, replace, force)
+        self.journal = Journal.begin(self.store.root, self.m.id, "restore",
+                                     volumes=[v.path for v in self.m.volumes])
+        try:
+            if processes:
+                with self.t.stage("make room"):
+                    self.make_room(live)
+                freezer.ensure(self.m.cgroup.path)  # restored tasks land there: thawed
+            swapped = self.swap_in()
+            pid = self.restore_processes(swapped) if processes else None
+            self.finish(swapped)
+            if processes and self.m.cgroup.original != self.m.cgroup.path:
+                return_to_original_cgroup(self.m)
+        finally:
+            self.journal.close()
+        return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped], self.t.seconds)
+
+    def validate(self, processes: bool, replace: bool, force: bool) -> list[TaskRecord]:
+        m = self.m
+        self.store.verify_images(m)
         if processes:
-            backend.check()
-        volumes = [Path(v.path) for v in m.volumes]
+            self.backend.check()
         for v in m.volumes:
-            provider.check(Path(v.path))
+            self.provider.check(Path(v.path))
             if v.snapshot is not None and not Path(v.snapshot).is_dir():
                 raise BadManifest(f"checkpoint {m.id}: snapshot {v.snapshot} is missing")
-        live = [x for x in m.tasks if Task(x.pid, x.starttime).alive()]
+        lineage = (m.lineage.pid, m.lineage.starttime)
+        known = [(x.pid, x.starttime) for x in m.tasks] + self.store.incarnations(lineage)
+        live = [TaskRecord(pid=p, starttime=s) for p, s in known if Task(p, s).alive()]
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)
             raise TreeStillRunning(f"checkpoint {m.id}: its tree still runs (PID {pids}); "
                                    "use --replace to kill it first")
-        devs = {os.stat(v).st_dev for v in volumes}
+        devs = {os.stat(v.path).st_dev for v in m.volumes}
         others = holders(devs, exclude={x.pid for x in live} if replace else set())
-        if others and not force and provider.name != "none":
+        if others and not force and self.provider.name != "none":
             raise Refused(f"processes outside the checkpoint hold files on its volumes "
                           f"(PID {', '.join(map(str, sorted(others)))}); stop them or use --force")
-    journal = Journal.begin(store.root, m.id, "restore")
-    try:
-        if processes:
-            with t.stage("make room", progress):
-                _make_room(m, live, journal)
-            freezer.ensure(m.cgroup.path)  # restored tasks land there; it must not be frozen
-        pid, rescues = _swap_and_restore(m, store, provider, backend, processes, journal, t,
-                                         progress)
-    finally:
-        journal.close()
-    return RestoreResult(m.id, pid, [str(r) for r in rescues], t.seconds)
+        return live
 
+    def make_room(self, live: list[TaskRecord]) -> None:
+        """Kill the still-running tree (--replace) and wait until every PID of the image is
+        free: CRIU restores the original PIDs."""
+        self.journal.note("kill", pids=[x.pid for x in live])
+        for x in live:
+            if Task(x.pid, x.starttime).alive():
+                try:
+                    os.kill(x.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 30
+        while busy := [x.pid for x in self.m.tasks if read_stat(x.pid) is not None]:
+            if time.monotonic() > deadline:
+                raise TreeStillRunning(f"PIDs {busy} of checkpoint {self.m.id} are still in "
+                                       "use; CRIU needs them free to restore")
+            time.sleep(0.05)
 
-def _make_room(m: Manifest, live: list[TaskRecord], journal: Journal) -> None:
-    """Kill the still-running tree (--replace) and wait until every PID of the image is free:
-    CRIU restores the original PIDs."""
-    journal.note("kill", pids=[x.pid for x in live])
-    for x in live:
-        if Task(x.pid, x.starttime).alive():
-            try:
-                os.kill(x.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 30
-    while busy := [x.pid for x in m.tasks if read_stat(x.pid) is not None]:
-        if time.monotonic() > deadline:
-            raise TreeStillRunning(f"PIDs {busy} of checkpoint {m.id} are still in use; "
-                                   "CRIU needs them free to restore")
-        time.sleep(0.05)
+    def swap_in(self) -> list[tuple[Path, Path]]:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        swapped: list[tuple[Path, Path]] = []
+        with self.t.stage("swap"):
+            for v in self.m.volumes:
+                if v.snapshot is None:
+                    continue
+                vol = Path(v.path)
+                rescue = snapshot.snapshot_root(vol) / f"rescue_{self.m.id}_{stamp}" / str(v.n)
+                self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=str(rescue))
+                self.provider.swap_in(
+                    v.snapshot, vol, rescue,
+                    lambda copy, v=v: self.journal.note("copy", volume=v.path, copy=copy))
+                swapped.append((vol, rescue))
+        return swapped
 
-
-def _swap_and_restore(m, store, provider, backend, processes, journal, t, progress):  # noqa: ANN001
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    swapped: list[tuple[Path, Path]] = []
-    with t.stage("swap", progress):
-        for v in m.volumes:
-            if v.snapshot is None:
-                continue
-            vol = Path(v.path)
-            rescue = snapshot.snapshot_root(vol) / f"rescue_{m.id}_{stamp}" / str(v.n)
-            journal.note("swap", volume=v.path, rescue=str(rescue))
-            provider.swap_in(v.snapshot, vol, rescue)
-            swapped.append((vol, rescue))
-    pid = None
-    fds: list[tuple[int, str]] = []
-    try:
-        if processes:
-            with t.stage("restore", progress):
-                for r in m.relinks:
+    def restore_processes(self, swapped: list[tuple[Path, Path]]) -> int:
+        fds: list[tuple[int, str]] = []
+        try:
+            with self.t.stage("restore"):
+                for r in self.m.relinks:
                     fds.append((relink.reopen(r, Path(r.volume)), r.key))
-                journal.note("criu restore")
-                pid = backend.restore(RestoreRequest(
-                    images=store.images(m.id), log=store.dir(m.id) / "criu-restore.log",
-                    inherit=fds))
-    except FscrError as e:
-        for vol, rescue in reversed(swapped):
-            provider.swap_back(vol, rescue)
-        raise RestoreRolledBack(f"{e}; the volumes were put back as they were") from None
-    finally:
-        for fd, _ in fds:
-            os.close(fd)
-    with t.stage("unrelink", progress):
-        for v in m.volumes:
-            relink.remove_relinks(Path(v.path), m.id)
-    for _, rescue in swapped:
+                pid = self.backend.restore(RestoreRequest(
+                    images=self.store.images(self.m.id),
+                    log=self.store.dir(self.m.id) / "criu-restore.log", inherit=fds),
+                    _noting_pid(self.journal))
+                self.journal.note("restored", pid=pid)
+                record_incarnation(self.store, self.m, pid)
+                return pid
+        except FscrError as e:
+            for vol, rescue in reversed(swapped):
+                self.provider.swap_back(vol, rescue)
+            raise RestoreRolledBack(f"{e}; the volumes were put back as they were") from None
+        finally:
+            for fd, _ in fds:
+                os.close(fd)
+
+    def finish(self, swapped: list[tuple[Path, Path]]) -> None:
+        """The restored tasks run: unlink the relinks (they see those files unlinked again),
+        seal and record the rescue snapshots."""
+        with self.t.stage("unrelink"):
+            for v in self.m.volumes:
+                relink.remove_relinks(Path(v.path), self.m.id)
+        complete_swaps(self.store, self.provider, [r for _, r in swapped])
+
+
+def record_incarnation(store: Store, m: Manifest, root: int) -> None:
+    """Remember the restored tree under the checkpoint's lineage (store.py)."""
+    store.record_incarnation((m.lineage.pid, m.lineage.starttime),
+                             [(t.pid, t.starttime) for t in descendants(root)],
+                             lambda t: Task(*t).alive())
+
+
+def complete_swaps(store: Store, provider: snapshot.Provider, rescues: list[Path]) -> None:
+    """Seal the rescue snapshots read-only and record them, so `fscr list` shows them."""
+    for rescue in rescues:
         provider.seal(rescue)
-    if swapped:
-        store.add_rescue(swapped[0][1].parent.name, [str(r) for _, r in swapped])
-    if processes and m.cgroup.original != m.cgroup.path:
-        _return_to_original_cgroup(m)
-    return pid, [r for _, r in swapped]
+    if rescues:
+        store.add_rescue(rescues[0].parent.name, [str(r) for r in rescues])
 
 
-def _return_to_original_cgroup(m: Manifest) -> None:
+def return_to_original_cgroup(m: Manifest) -> None:
     """The tree was moved into fscr's cgroup for the window: CRIU restored it there; move it
     back where it lived and drop fscr's cgroup."""
     own = freezer.at(m.cgroup.path)
     put_back({pid: m.cgroup.original for pid in own.procs()}, own)
 
+
+# -------------------------------------------------------------------------------- delete
 
 def delete(name: str, store_dir: str | None = None) -> list[str]:
     """Delete checkpoint `name` (its snapshots, then its directory) or rescue snapshot `name`.
@@ -338,12 +475,13 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     if store.committed(name):
         m = store.load(name)
         provider = snapshot.get(m.snapshot)
-        removed = []
-        for v in m.volumes:
-            if v.snapshot is not None:
-                provider.delete(v.snapshot)
-                removed.append(v.snapshot)
-        store.remove(name)
+        with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
+            removed = []
+            for v in m.volumes:
+                if v.snapshot is not None:
+                    provider.delete(v.snapshot)
+                    removed.append(v.snapshot)
+            store.remove(name)
         return removed + [str(store.dir(name))]
     for r in store.rescues():
         if r.get("name") == name:

@@ -6,6 +6,7 @@
 <store>/checkpoints/<id>/criu-*.log           CRIU's logs
 <store>/journal/                              one journal per unfinished run (journal.py)
 <store>/rescues/<name>.json                   the paths of a rescue snapshot made by restore
+<store>/lineages/<pid>_<start>.json           the tasks restores brought back, per workload
 A checkpoint is listed only once its digest file exists.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class Store:
         _private_dir(root / "checkpoints")
         _private_dir(root / "journal")
         _private_dir(root / "rescues")
+        _private_dir(root / "lineages")
         return cls(root)
 
     def dir(self, ckpt_id: str) -> Path:
@@ -127,6 +130,37 @@ class Store:
         d = self.dir(ckpt_id)
         (d / "manifest.json.sha256").unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
+
+    # A workload's lineage is the (PID, start time) of the root first checkpointed. Restored
+    # tasks get the checkpoint's PIDs but new start times; each restore records them under
+    # the lineage, so a later --replace, from any checkpoint of that workload, finds its tree.
+
+    def _lineage_file(self, lineage: tuple[int, int]) -> Path:
+        return self.root / "lineages" / f"{lineage[0]}_{lineage[1]}.json"
+
+    def incarnations(self, lineage: tuple[int, int]) -> list[tuple[int, int]]:
+        try:
+            data = json.loads(self._lineage_file(lineage).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        if not isinstance(data, list):
+            return []
+        return [(p, s) for p, s in data if isinstance(p, int) and isinstance(s, int)]
+
+    def record_incarnation(self, lineage: tuple[int, int], tasks: list[tuple[int, int]],
+                           alive: Callable[[tuple[int, int]], bool]) -> None:
+        """Add a restored tree's tasks to its lineage; tasks no longer alive are dropped."""
+        keep = [t for t in self.incarnations(lineage) if alive(t)]
+        data = json.dumps(sorted(set(keep + tasks))).encode()
+        write_atomic(self._lineage_file(lineage), data)
+
+    def lineage_of(self, task: tuple[int, int]) -> tuple[int, int]:
+        for f in (self.root / "lineages").glob("*_*.json"):
+            pid, _, start = f.stem.partition("_")
+            lineage = (int(pid), int(start))
+            if task in self.incarnations(lineage):
+                return lineage
+        return task
 
     def add_rescue(self, name: str, paths: list[str]) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed."""

@@ -6,6 +6,7 @@ taken at one frozen instant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,10 +38,11 @@ class Backend(Protocol):
     def check(self) -> None:
         """Raise MissingDependency unless this backend can run here."""
 
-    def dump(self, req: DumpRequest) -> None:
-        """Dump the frozen tree; on failure raise and leave the tree frozen, as found."""
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
+        """Dump the frozen tree; on failure raise and leave the tree frozen, as found.
+        `started` gets the PID of a helper process (CRIU) as soon as it runs."""
 
-    def restore(self, req: RestoreRequest) -> int:
+    def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         """Restore the tree detached; returns the root PID."""
 
 

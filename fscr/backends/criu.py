@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +63,16 @@ def require() -> str:
     return found.path
 
 
-def _run(argv: list[str], log: Path, what: str, pass_fds: tuple[int, ...] = ()) -> None:
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, pass_fds=pass_fds
-    )
+def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
+         pass_fds: tuple[int, ...] = ()) -> None:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+    try:
+        started(proc.pid)
+    finally:
+        _, stderr = proc.communicate()
     if proc.returncode != 0:
-        last = _last_error(log) or proc.stderr.strip().splitlines()[-1:] or ["no message"]
+        last = _last_error(log) or stderr.strip().splitlines()[-1:] or ["no message"]
         raise CriuFailed(f"CRIU {what} failed: {''.join(last)} (log: {log})")
 
 
@@ -87,24 +92,26 @@ class Criu:
     def check(self) -> None:
         require()
 
-    def dump(self, req: DumpRequest) -> None:
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
         argv = [require(), "dump", "-t", str(req.root_pid), "-D", str(req.images),
                 "-o", str(req.log), "-v4", "--freeze-cgroup", str(req.freeze_cgroup)]
         if req.leave_running:
             argv.append("--leave-running")
         for key in req.externals:
             argv += ["--external", key]
-        _run(argv, req.log, "dump")
+        _run(argv, req.log, "dump", started)
 
-    def restore(self, req: RestoreRequest) -> int:
+    def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         pidfile = req.images.parent / "restore.pid"
         pidfile.unlink(missing_ok=True)
-        argv = [require(), "restore", "-D", str(req.images), "-o", str(req.log), "-v4",
-                "--restore-detached", "--pidfile", str(pidfile)]
+        # -W: CRIU writes stats-restore to its work dir; the image dir must stay as dumped
+        # (its files are checksummed in the manifest).
+        argv = [require(), "restore", "-D", str(req.images), "-W", str(req.images.parent),
+                "-o", str(req.log), "-v4", "--restore-detached", "--pidfile", str(pidfile)]
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
         try:
-            _run(argv, req.log, "restore", pass_fds=tuple(fd for fd, _ in req.inherit))
+            _run(argv, req.log, "restore", started, tuple(fd for fd, _ in req.inherit))
             return int(pidfile.read_text().strip())
         finally:
             pidfile.unlink(missing_ok=True)

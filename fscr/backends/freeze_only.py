@@ -3,6 +3,8 @@ while the tree was frozen, so the files are consistent with one instant."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import Refused
 from . import DumpRequest, RestoreRequest
 
@@ -14,8 +16,8 @@ class FreezeOnly:
     def check(self) -> None:
         pass
 
-    def dump(self, req: DumpRequest) -> None:
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
         pass
 
-    def restore(self, req: RestoreRequest) -> int:
+    def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         raise Refused("a freeze-only checkpoint holds no process image: it restores volumes only")

@@ -3,6 +3,7 @@ is frozen in, and the isolation of a tree that shares its cgroup with others."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import BadTarget
@@ -62,12 +63,14 @@ def resolve(target: Target) -> tuple[int, Cgroup | None]:
     return root, cg
 
 
-def isolate(root: int, named: Cgroup | None, ckpt_id: str) -> tuple[Cgroup, dict[int, str]]:
+def isolate(root: int, named: Cgroup | None, ckpt_id: str,
+            note: Callable[..., None]) -> tuple[Cgroup, dict[int, str]]:
     """The cgroup to freeze, and {pid: original cgroup} for tasks fscr moved to get it.
 
     A tree alone in its cgroup (or a cgroup the user named) is frozen where it is. Otherwise the
     tree moves into fscr/ckpt_<id> for the window: forks land in their parent's cgroup, so
-    moving until the tree is stable leaves no task behind.
+    moving until the tree is stable leaves no task behind. Each move is noted (journaled)
+    before it is made.
     """
     if named is not None:
         return named, {}
@@ -85,6 +88,7 @@ def isolate(root: int, named: Cgroup | None, ckpt_id: str) -> tuple[Cgroup, dict
         for t in pending:
             orig = freezer.cgroup_of(t.pid)
             moved[t.pid] = orig.rel
+            note("move", pid=t.pid, cgroup=str(own.path), kind=own.kind, original=orig.rel)
             try:
                 own.add(t.pid)
             except ProcessLookupError:

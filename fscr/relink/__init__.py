@@ -93,11 +93,17 @@ def _sparse_copy(src: int, dst: int, size: int) -> None:
             raise
         hole = os.lseek(src, data, os.SEEK_HOLE)
         off = data
+        # Plain reads and writes: copy_file_range would quietly reflink on btrfs, and this
+        # path exists for where reflink is not possible.
         while off < hole:
-            n = os.copy_file_range(src, dst, hole - off, off, off)
-            if n == 0:
+            chunk = os.pread(src, min(hole - off, 1 << 20), off)
+            if not chunk:
                 break
-            off += n
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(dst, view, off)
+                view = view[n:]
+                off += n
         pos = hole
     os.ftruncate(dst, size)
 
@@ -143,8 +149,9 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
     sparse copy with the same mode and owner. On failure nothing is left under that name.
     """
     name = relink_name(ckpt_id, n)
-    dirfd = open_relink_dir(volume)
+    dirfd = -1
     try:
+        dirfd = open_relink_dir(volume)
         try:
             # With dst_dir_fd, os.link is linkat(..., AT_SYMLINK_FOLLOW): it links the inode
             # behind the magic link, not the link itself.
@@ -158,7 +165,8 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
             raise NoSpace(f"no space left on {volume} to preserve unlinked file {of.path}") from e
         raise FscrError(f"cannot relink {of.path} (pid {of.pid} fd {of.fd}): {e.strerror}") from e
     finally:
-        os.close(dirfd)
+        if dirfd >= 0:
+            os.close(dirfd)
     return Relink(
         n=n,
         volume=str(volume),
@@ -176,20 +184,34 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
     )
 
 
-def remove_relinks(volume: Path, ckpt_id: str) -> list[str]:
-    """Remove every unlink-at-restart-<id>-* of checkpoint `ckpt_id` from `volume`; the names
-    carry the id, so only this checkpoint's relinks can match. Returns the removed names."""
+def _ours(names: list[str], ckpt_id: str) -> list[str]:
+    prefix = f"{PREFIX}{ckpt_id}-"
+    return sorted(n for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
+
+
+def list_relinks(volume: Path, ckpt_id: str) -> list[str]:
+    """The unlink-at-restart-<id>-<n> names of checkpoint `ckpt_id` present in `volume`."""
     try:
         dirfd = open_relink_dir(volume, create=False)
     except FileNotFoundError:
         return []
-    removed = []
     try:
-        prefix = f"{PREFIX}{ckpt_id}-"
-        for name in os.listdir(dirfd):
-            if name.startswith(prefix) and name[len(prefix):].isdigit():
-                os.unlink(name, dir_fd=dirfd)
-                removed.append(name)
+        return _ours(os.listdir(dirfd), ckpt_id)
+    finally:
+        os.close(dirfd)
+
+
+def remove_relinks(volume: Path, ckpt_id: str) -> list[str]:
+    """Remove every unlink-at-restart-<id>-<n> of checkpoint `ckpt_id` from `volume`; the
+    names carry the id, so only this checkpoint's relinks can match. Returns what it removed."""
+    try:
+        dirfd = open_relink_dir(volume, create=False)
+    except FileNotFoundError:
+        return []
+    try:
+        removed = _ours(os.listdir(dirfd), ckpt_id)
+        for name in removed:
+            os.unlink(name, dir_fd=dirfd)
         if removed:
             os.fsync(dirfd)
     finally:

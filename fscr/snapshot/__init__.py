@@ -7,6 +7,7 @@ while keeping the contents it replaced (the rescue snapshot).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -27,14 +28,20 @@ class Provider(Protocol):
     def delete(self, snapshot: str) -> None:
         """Remove a snapshot this provider created; a missing one is not an error."""
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
-        """Put a writable copy of `snapshot` at `volume`; the replaced contents end at `rescue`."""
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+                made: Callable[[str], None]) -> None:
+        """Put a writable copy of `snapshot` at `volume`; the replaced contents end at `rescue`.
+        `made(copy id)` is called once the copy exists and before the swap, to journal it."""
 
     def swap_back(self, volume: Path, rescue: Path) -> None:
         """Undo swap_in: `rescue` goes back to `volume`, the restored copy is removed."""
 
     def seal(self, rescue: Path) -> None:
         """Make a rescue snapshot read-only once the restore succeeded."""
+
+    def identity(self, volume: Path) -> str | None:
+        """What distinguishes this subvolume from every other (btrfs: its UUID), so that gc
+        can tell whether a dead restore's swap happened."""
 
 
 def snapshot_root(volume: Path) -> Path:

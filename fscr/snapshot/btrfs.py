@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import btrfsutil
@@ -77,7 +78,8 @@ class Btrfs:
         except OSError:
             pass
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+                made: Callable[[str], None]) -> None:
         # A writable snapshot of the checkpoint's read-only one, made at the rescue path and
         # then exchanged: the old contents land at the rescue path, the volume never vanishes.
         _mkdir_private(rescue.parent.parent)
@@ -86,6 +88,7 @@ class Btrfs:
             btrfsutil.create_snapshot(snapshot, str(rescue), read_only=False)
         except btrfsutil.BtrfsUtilError as e:
             raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
+        made(self.identity(rescue) or "")
         try:
             exchange(rescue, volume)
         except OSError as e:
@@ -102,6 +105,12 @@ class Btrfs:
 
     def seal(self, rescue: Path) -> None:
         btrfsutil.set_subvolume_read_only(str(rescue), True)
+
+    def identity(self, volume: Path) -> str | None:
+        try:
+            return btrfsutil.subvolume_info(str(volume)).uuid.hex()
+        except (btrfsutil.BtrfsUtilError, FileNotFoundError):
+            return None
 
 
 def is_mount_point(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BadVolume
@@ -20,7 +21,8 @@ class NoSnapshot:
     def delete(self, snapshot: str) -> None:
         pass
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path) -> None:
+    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+                made: Callable[[str], None]) -> None:
         pass
 
     def swap_back(self, volume: Path, rescue: Path) -> None:
@@ -28,3 +30,6 @@ class NoSnapshot:
 
     def seal(self, rescue: Path) -> None:
         pass
+
+    def identity(self, volume: Path) -> str | None:
+        return None

@@ -11,6 +11,8 @@ unlinked0 DIR SIZE    a SIZE-byte file, unlinked while open (nlink 0), fd kept a
 relinked DIR          opens "a", links it to "b", unlinks "a", creates a new "a"; when DIR/go
                       appears, writes "via-old-fd" through the old fd and creates DIR/done
 socketpair DIR        a parent and child ping-pong a counter over a socketpair into DIR/sp
+service DIR           a counter (DIR/history) that also holds an unlinked file with nlink 0
+                      and one whose inode is still linked elsewhere (nlink 1)
 pair DIR OTHER         writes n to DIR/pair, then to OTHER/pair (two volumes), n = 1, 2, ...:
                       a consistent view has DIR's value equal to OTHER's or one ahead
 tcp DIR PORT          a server and a client on 127.0.0.1:PORT exchanging a counter
@@ -135,6 +137,17 @@ def socketpair(d):
         os.write(fd, f"{n}\n".encode())
         n += 1
         time.sleep(TICK)
+
+
+def service(d):
+    gone = os.open(os.path.join(d, "scratch"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(gone, b"scratch data" * 1000)
+    os.unlink(os.path.join(d, "scratch"))
+    kept = os.open(os.path.join(d, "keep"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(kept, b"kept")
+    os.link(os.path.join(d, "keep"), os.path.join(d, "keep2"))
+    os.unlink(os.path.join(d, "keep"))
+    counter(d)
 
 
 def pair(d, other):

@@ -1,0 +1,116 @@
+"""The freeze watchdog: a small process, in a session of its own, that thaws the frozen cgroup
+if fscr dies (even by SIGKILL or the OOM killer) or the window outlasts --max-freeze.
+
+fscr starts it before freezing and holds the write end of its stdin. Closing that pipe after
+writing "done" ends it quietly; end-of-file without "done" means fscr is gone. Whenever it
+acts, it first lets a running CRIU finish (CRIU's parasite is inside the tasks: killing CRIU
+mid-dump is the last resort, at the deadline), then thaws, then prints "fired: <why>" on its
+stdout, which fscr reads to abort a run whose window was cut short.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .journal import read
+from .process.freezer import Cgroup
+from .process.tree import Task
+
+GRACE = 10.0  # seconds a dying fscr's CRIU may take to finish before it is killed
+
+
+@dataclass
+class Watchdog:
+    """fscr's handle on its watchdog process."""
+
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, cg: Cgroup, journal: Path, max_freeze: float) -> Watchdog:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fscr.watchdog", cg.kind, str(cg.path), str(journal),
+             str(max_freeze)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)
+        return cls(proc)
+
+    def fired(self) -> str | None:
+        """Why the watchdog thawed the tree, or None while it has not."""
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        if select.select([fd], [], [], 0)[0]:
+            line = os.read(fd, 4096).decode().strip()
+            return line.removeprefix("fired: ") or "the watchdog ended"
+        return None
+
+    def stop(self) -> str | None:
+        """End the watchdog; returns why it fired, if it did."""
+        why = self.fired()
+        try:
+            self.proc.stdin.write(b"done\n")  # type: ignore[union-attr]
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+        if why is None:
+            rest = self.proc.stdout.read().decode().strip()  # type: ignore[union-attr]
+            why = rest.removeprefix("fired: ") or None
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        return why
+
+
+def _criu_of(journal: Path) -> Task | None:
+    try:
+        entries = read(journal)
+    except FileNotFoundError:
+        return None
+    runs = [e for e in entries if e["event"] == "criu"]
+    return Task(runs[-1]["pid"], runs[-1]["starttime"]) if runs else None
+
+
+def _settle_criu(journal: Path, until: float) -> None:
+    """Let CRIU finish until `until`, then kill it."""
+    while (criu := _criu_of(journal)) is not None and criu.alive():
+        if time.monotonic() >= until:
+            try:
+                os.kill(criu.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+
+
+def main(kind: str, path: str, journal: str, max_freeze: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to fscr's group is not for us
+    deadline = time.monotonic() + float(max_freeze)
+    cg, jpath = Cgroup(kind, Path(path)), Path(journal)
+    got = b""
+    while True:
+        left = deadline - time.monotonic()
+        ready = select.select([0], [], [], max(left, 0))[0] if left > 0 else []
+        if not ready:
+            why, until = f"the tree was frozen longer than --max-freeze {max_freeze}s", 0.0
+            break
+        chunk = os.read(0, 64)
+        got += chunk
+        if b"done" in got:
+            return
+        if not chunk:
+            why, until = "fscr died while the tree was frozen", time.monotonic() + GRACE
+            break
+    _settle_criu(jpath, until)
+    if cg.exists():
+        cg.thaw()
+    try:
+        os.write(1, f"fired: {why}\n".encode())
+    except BrokenPipeError:
+        pass
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,285 @@
+"""Crash safety: fscr SIGKILLed at every stage, a full volume, concurrent runs, `fscr gc`.
+
+fscr kills itself with SIGKILL right after journaling the named event (FSCR_TEST_KILL_AT, a
+test facility). Crash runs checkpoint with --leave-running so the workload outlives fscr.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FSCR, alive, fscr, lines, wait_for
+from test_pipeline import checkpoint, grows, relinks_on, restore
+
+from fscr.process import freezer
+
+
+def counts_cleanly(path: Path, more: int = 3) -> None:
+    """The counter runs on, and its history is 1..n with no gap or repeat."""
+    got = grows(path, len(lines(path)) + more)
+    assert got == list(range(1, len(got) + 1))
+
+
+def residue(vol: Path, store: Path, ckpt_id: str) -> dict:
+    snaps = vol.parent / ".fscr-snapshots" / ckpt_id
+    return {
+        "relinks": relinks_on(vol),
+        "snapshots": sorted(os.listdir(snaps)) if snaps.exists() else [],
+        "checkpoint dir": (store / "checkpoints" / ckpt_id).exists(),
+        "journal": sorted(os.listdir(store / "journal")),
+        "fscr cgroup": freezer.at(f"fscr/ckpt_{ckpt_id}").exists(),
+    }
+
+
+CLEAN = {"relinks": [], "snapshots": [], "checkpoint dir": False, "journal": [],
+         "fscr cgroup": False}
+
+
+def crash(store: Path, event: str, *args: str) -> subprocess.CompletedProcess[str]:
+    out = fscr(*args, store=store, check=False, env={"FSCR_TEST_KILL_AT": event})
+    assert out.returncode == -9, (event, out.returncode, out.stderr)
+    return out
+
+
+def gc(store: Path, *args: str) -> dict:
+    return json.loads(fscr("gc", "--json", *args, store=store).stdout)
+
+
+CHECKPOINT_EVENTS = ["begin", "isolate", "freeze", "relink", "snapshot", "dump", "criu",
+                     "dumped", "commit", "thaw"]
+
+
+@pytest.mark.parametrize("event", CHECKPOINT_EVENTS)
+def test_checkpoint_killed_at_each_stage_is_recovered_by_gc(event, btrfs_volume, workloads,
+                                                            store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    good = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+
+    crash(store, event, "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash")
+    noticed = fscr("list", store=store)
+    assert "unfinished" in noticed.stderr and "fscr gc" in noticed.stderr
+    report = gc(store)
+    # The watchdog or gc thawed it: it is alive and running the moment gc returns.
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    assert [r["id"] for r in report["runs"]] == ["crash"]
+    counts_cleanly(vol / "history")
+    assert residue(vol, store, "crash") == CLEAN
+    assert gc(store)["runs"] == []
+    assert [c["id"] for c in json.loads(fscr("list", "--json", store=store).stdout)
+            ["checkpoints"]] == [good["id"]]
+
+    restore(store, good["id"], "--replace")
+    counts_cleanly(vol / "history")
+    assert relinks_on(vol) == []
+
+
+@pytest.mark.parametrize("event", ["move", "dump"])
+def test_killed_checkpoint_of_a_tree_sharing_its_cgroup_puts_it_back(event, btrfs_volume,
+                                                                     workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    cg = freezer.cgroup_of(pid)
+    (vol / "n").mkdir()
+    neighbour, _ = workloads.start("counter", str(vol / "n"))
+    cg.add(neighbour)
+    grows(vol / "history", 3)
+
+    crash(store, event, "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash")
+    gc(store)
+    assert sorted(cg.procs()) == sorted([pid, neighbour]) and not cg.frozen()
+    counts_cleanly(vol / "history")
+    counts_cleanly(vol / "n" / "history")
+    assert residue(vol, store, "crash") == CLEAN
+
+
+def test_kill_mode_dying_after_commit_keeps_checkpoint_and_workload(btrfs_volume, workloads,
+                                                                    store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    crash(store, "kill", "checkpoint", "--pid", str(pid), "--volume", str(vol), "--kill",
+          "--id", "done")
+    gc(store)
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()  # the kill never happened
+    counts_cleanly(vol / "history")
+    assert residue(vol, store, "done")["relinks"] == []
+    restore(store, "done", "--replace")  # the committed checkpoint is whole
+    counts_cleanly(vol / "history")
+
+
+RESTORE_EVENTS = ["begin", "kill", "swap", "copy", "criu", "restored"]
+
+
+@pytest.mark.parametrize("event", RESTORE_EVENTS)
+def test_restore_killed_at_each_stage_is_finished_or_undone_by_gc(event, btrfs_volume,
+                                                                  workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    good = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    (vol / "after-checkpoint").write_text("newer data")
+
+    crash(store, event, "restore", good["id"], "--replace")
+    gc(store)
+    snaps = vol.parent / ".fscr-snapshots"
+    recorded = {p for r in json.loads(fscr("list", "--json", store=store).stdout)["rescues"]
+                for p in r["paths"]}
+    on_disk = {str(p) for p in snaps.glob("rescue_*/*")}
+    assert on_disk == recorded  # every rescue kept is listed; no half-made copy remains
+    assert relinks_on(vol) == [] and os.listdir(store / "journal") == []
+    if event in ("criu", "restored"):  # CRIU had started: the restore was completed
+        assert not (vol / "after-checkpoint").exists() and len(recorded) == 1
+    elif event in ("swap", "copy"):  # the old tree was killed; the volume was put back
+        assert (vol / "after-checkpoint").read_text() == "newer data" and not recorded
+    else:  # nothing was changed yet
+        assert alive(pid) and (vol / "after-checkpoint").exists()
+
+    r = restore(store, good["id"], "--replace", "--force")
+    assert not (vol / "after-checkpoint").exists()
+    counts_cleanly(vol / "history")
+    assert alive(r["pid"])
+
+
+def _fill(vol: Path, leave: int) -> None:
+    """Fill the volume, then free about `leave` bytes."""
+    with open(vol / "filler", "wb") as f:
+        block = os.urandom(1 << 20)
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with open(vol / "filler", "r+b") as f:
+        f.truncate(max(os.fstat(f.fileno()).st_size - leave, 0))
+    os.sync()
+
+
+def test_full_volume_fails_the_relink_copy_cleanly(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    size = 64 << 20
+    pid, _ = workloads.start("unlinked0", str(vol), str(size))
+    wait_for(lambda: f"{vol}/big (deleted)" in
+             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
+             30, "the file to be unlinked")
+    try:
+        _fill(vol, 8 << 20)
+        out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "full",
+                   store=store, check=False, env={"FSCR_TEST_FORCE_COPY": "1"})
+        assert out.returncode == 12 and "no space" in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1
+        assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+        assert residue(vol, store, "full") == CLEAN
+    finally:
+        (vol / "filler").unlink(missing_ok=True)
+    (vol / "report-unlinked0.json").touch()
+    report = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
+                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
+    assert report["size"] == size and report["nlink"] == 0  # the workload's data is intact
+
+
+def test_copy_path_preserves_an_unlinked_file(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("unlinked0", str(vol), str(8 << 20))
+    wait_for(lambda: f"{vol}/big (deleted)" in
+             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")])
+    (vol / "report-unlinked0.json").touch()
+    before = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
+                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
+    (vol / "unlinked0.json").unlink()
+    out = fscr("checkpoint", "--json", "--pid", str(pid), "--volume", str(vol), "--kill",
+               store=store, env={"FSCR_TEST_FORCE_COPY": "1"})
+    m = json.loads(out.stdout)
+    assert [r["method"] for r in m["relinks"]] == ["copy"]
+    restore(store, m["id"])
+    (vol / "report-unlinked0.json").touch()
+    after = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
+                                and (vol / "unlinked0.json").read_text(), 30, "report"))
+    assert after == before
+
+
+def test_a_held_lock_makes_a_second_run_fail_clearly_or_wait(btrfs_volume, workloads, store):
+    from fscr import locks
+    from fscr.pipeline import volume_lock
+
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    with locks.hold([volume_lock(vol)]):
+        out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), store=store,
+                   check=False, env={"FSCR_LOCK_WAIT": "0.3"})
+        assert out.returncode == 14
+        assert f"volume {vol} is busy: PID {os.getpid()} holds it" in out.stderr
+        waiting = subprocess.Popen([str(FSCR), "checkpoint", "--pid", str(pid), "--volume",
+                                    str(vol), "--id", "waited"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=os.environ | {"FSCR_STORE": str(store)})
+        wait_for(lambda: any(Path(f"/proc/{waiting.pid}").exists() for _ in [0]), 5)
+    stdout, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and stdout.strip() == "waited"
+    assert alive(pid)
+
+
+def test_two_concurrent_checkpoints_never_corrupt_anything(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    procs = [subprocess.Popen([str(FSCR), "checkpoint", "--pid", str(pid), "--volume", str(vol),
+                               "--id", f"c{i}"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=os.environ | {"FSCR_STORE": str(store)})
+             for i in range(2)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert all(code == 0 or (code == 14 and "busy" in text) for code, text in results), results
+    made = [f"c{i}" for i, (code, _) in enumerate(results) if code == 0]
+    assert made
+    assert relinks_on(vol) == [] and os.listdir(store / "journal") == []
+    for ckpt in made:
+        restore(store, ckpt, "--replace")
+        counts_cleanly(vol / "history")
+
+
+def test_gc_dry_run_changes_nothing(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    crash(store, "dump", "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash")
+    wait_for(lambda: not freezer.cgroup_of(pid).frozen(), 15, "the watchdog to thaw")
+    before = residue(vol, store, "crash")
+    assert before["snapshots"] == ["0"] and before["relinks"]
+    report = gc(store, "--dry-run")
+    assert report["dry_run"] and report["runs"][0]["actions"]
+    assert residue(vol, store, "crash") == before
+    text = fscr("gc", "--dry-run", store=store).stdout
+    assert "would remove 2 relink(s)" in text
+    gc(store)
+    assert residue(vol, store, "crash") == CLEAN
+
+
+def test_watchdog_thaws_and_aborts_when_the_freeze_outlasts_max_freeze(btrfs_volume,
+                                                                       workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "slow",
+               "--max-freeze", "0.5", store=store, check=False,
+               env={"FSCR_TEST_PAUSE_AT": "snapshot:2"})
+    assert out.returncode == 17 and "--max-freeze" in out.stderr, out.stderr
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    counts_cleanly(vol / "history")
+    assert residue(vol, store, "slow") == CLEAN
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
