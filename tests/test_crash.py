@@ -283,3 +283,39 @@ def test_watchdog_thaws_and_aborts_when_the_freeze_outlasts_max_freeze(btrfs_vol
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_full_store_fails_the_dump_cleanly(btrfs_volume, workloads, tmp_path):
+    vol = btrfs_volume.path
+    small = tmp_path / "small-store"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        pid, _ = workloads.start("service", str(vol))
+        grows(vol / "history", 3)
+        out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "nospace",
+                   store=small, check=False)
+        assert out.returncode == 12 and "no space" in out.stderr, out.stderr
+        assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+        counts_cleanly(vol / "history")
+        assert residue(vol, small, "nospace") == CLEAN
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_snapshot_failure_aborts_cleanly_and_spares_what_is_not_ours(btrfs_volume, workloads,
+                                                                     store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    squatter = vol.parent / ".fscr-snapshots" / "snapfail" / "0"
+    squatter.mkdir(parents=True)
+    (squatter / "precious").write_text("not fscr's")
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "snapfail",
+               store=store, check=False)
+    assert out.returncode == 8 and "snapshot" in out.stderr, out.stderr
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    counts_cleanly(vol / "history")
+    assert (squatter / "precious").read_text() == "not fscr's"
+    assert relinks_on(vol) == [] and not (store / "checkpoints" / "snapfail").exists()
+    assert os.listdir(store / "journal") == []

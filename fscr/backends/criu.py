@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CriuFailed, MissingDependency
+from ..errors import CriuFailed, MissingDependency, NoSpace
 from . import DumpRequest, RestoreRequest
 
 MIN_VERSION = (4, 2, 1)
@@ -72,8 +72,17 @@ def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
     finally:
         _, stderr = proc.communicate()
     if proc.returncode != 0:
+        if _mentions(log, "No space left on device") or "No space left" in stderr:
+            raise NoSpace(f"CRIU {what} failed: no space left on device (log: {log})")
         last = _last_error(log) or stderr.strip().splitlines()[-1:] or ["no message"]
         raise CriuFailed(f"CRIU {what} failed: {''.join(last)} (log: {log})")
+
+
+def _mentions(log: Path, text: str) -> bool:
+    try:
+        return text in log.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
 
 
 def _last_error(log: Path) -> list[str]:
