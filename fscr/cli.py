@@ -15,6 +15,7 @@ from . import doctor as doctor_mod
 from . import gc as gc_mod
 from . import pipeline
 from .errors import FscrError, MissingDependency
+from .journal import unfinished
 from .manifest import Manifest
 from .process import launch
 from .process.target import Target
@@ -41,7 +42,7 @@ def notice_unfinished(store: str | None) -> None:
     """One line when runs died unfinished: their residue waits for `fscr gc`."""
     if os.geteuid() != 0:
         return
-    dead = gc_mod.unfinished(Store.open(store))
+    dead = unfinished(Store.open(store).root)
     if dead:
         ids = ", ".join(f"{r.op} {r.id}" for r in dead)
         err.print(f"fscr: warning: {len(dead)} unfinished run(s) whose fscr is gone ({ids}); "
@@ -208,7 +209,6 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
 @json_opt
 def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Delete a checkpoint (snapshots and images) or a rescue snapshot."""
-    pipeline.require_root()
     notice_unfinished(store)
     removed = pipeline.delete(ckpt_id, store)
     emit({"removed": removed}, as_json, lambda: [click.echo(f"removed {p}") for p in removed])
@@ -230,8 +230,12 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
             click.echo(f"{r['op']} {r['id']} (fscr PID {r['pid']} is gone):")
             for a in r["actions"]:
                 click.echo(f"  {'would ' if dry_run else ''}{a}")
+            for e in r["errors"]:
+                click.echo(f"  FAILED: {e}")
 
     emit({"dry_run": dry_run, "runs": report}, as_json, text)
+    if any(r["errors"] for r in report):
+        sys.exit(FscrError.exit_code)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backends import criu
+from .names import FSCR_GROUP
 from .process import freezer
 
 
@@ -49,7 +50,7 @@ def _cgroup_v2() -> Row:
     root = freezer.v2_root()
     if root is None:
         return Row("cgroup v2 freezer", False, False, "no cgroup2 mount")
-    probe = root / freezer.FSCR_GROUP / "doctor_probe"
+    probe = root / FSCR_GROUP / "doctor_probe"
     try:
         probe.mkdir(parents=True, exist_ok=True)
         ok = (probe / "cgroup.freeze").exists()

@@ -3,53 +3,31 @@
 Everything gc touches is named in a journal that a run wrote before making it, and carries that
 run's checkpoint id (relinks unlink-at-restart-<id>-<n>, snapshots .fscr-snapshots/<id>/<n>,
 cgroup fscr/ckpt_<id>, the store's checkpoints/<id>): so gc can prove a thing is its own. A run
-whose owner (PID and start time) still lives is left alone; a committed checkpoint is never
-removed, nor a rescue snapshot of a restore that completed.
+whose owner (PID and start time) still lives is left alone, and gc takes the same locks as a
+run, so it never races one; a committed checkpoint is never removed, nor a rescue snapshot of
+a restore that completed.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import relink, snapshot
-from .journal import read
-from .pipeline import complete_swaps, record_incarnation, return_to_original_cgroup
+from . import locks, relink, snapshot
+from .errors import Busy, FscrError
+from .journal import Run, unfinished
+from .names import snapshot_path
+from .pipeline import finish_restore, volume_lock, workload_lock
+from .process import freezer
 from .process.freezer import Cgroup
 from .process.target import put_back
-from .process.tree import Task
+from .process.tree import Task, settle
 from .store import Store
 
-
-@dataclass
-class Run:
-    """One journal: an unfinished or running checkpoint or restore."""
-
-    path: Path
-    entries: list[dict[str, Any]]
-
-    @property
-    def begin(self) -> dict[str, Any]:
-        return self.entries[0]
-
-    @property
-    def id(self) -> str:
-        return self.begin["id"]
-
-    @property
-    def op(self) -> str:
-        return self.begin["op"]
-
-    def owner_alive(self) -> bool:
-        return Task(self.begin["pid"], self.begin["starttime"]).alive()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["event"] == name]
+CHECKPOINT_GRACE = 10.0  # seconds a dead run's CRIU may take before gc kills it
+RESTORE_GRACE = 30.0
 
 
 @dataclass
@@ -57,47 +35,14 @@ class Plan:
     """What gc will do for one run: descriptions and the steps that do them."""
 
     run: Run
-    steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    steps: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
 
-    def add(self, what: str, do: Callable[[], None]) -> None:
+    def add(self, what: str, do: Callable[[], Any]) -> None:
         self.steps.append((what, do))
 
 
-def runs(store: Store) -> list[Run]:
-    out = []
-    for path in sorted((store.root / "journal").glob("*.jsonl")):
-        entries = read(path)
-        if entries and entries[0].get("event") == "begin":
-            out.append(Run(path, entries))
-        else:  # died before its first line was complete: nothing was done yet
-            out.append(Run(path, [{"event": "begin", "op": "unknown", "id": path.stem,
-                                   "pid": 0, "starttime": 0}]))
-    return out
-
-
-def unfinished(store: Store) -> list[Run]:
-    """Runs whose fscr is gone."""
-    return [r for r in runs(store) if not r.owner_alive()]
-
-
-def _settle(task: Task, grace: float) -> None:
-    """Wait for a helper (CRIU) to finish, then kill it: its parasite may be inside tasks."""
-    deadline = time.monotonic() + grace
-    while task.alive():
-        if time.monotonic() > deadline:
-            try:
-                os.kill(task.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-
-
-def _criu_step(plan: Plan, grace: float) -> None:
-    for e in plan.run.events("criu"):
-        criu = Task(e["pid"], e["starttime"])
-        if criu.alive():
-            plan.add(f"wait for CRIU (PID {criu.pid}) to finish, kill it after {grace:.0f}s",
-                     lambda c=criu: _settle(c, grace))
+def _criu(run: Run) -> list[Task]:
+    return [t for e in run.events("criu") if (t := Task(e["pid"], e["starttime"])).alive()]
 
 
 def _thaw_steps(plan: Plan) -> None:
@@ -110,7 +55,7 @@ def _thaw_steps(plan: Plan) -> None:
         own = Cgroup(moves[0]["kind"], Path(moves[0]["cgroup"]))
         moved = {e["pid"]: e["original"] for e in moves}
         if own.exists():
-            plan.add(f"put {len(moved)} task(s) back in their cgroups, remove {own.path}",
+            plan.add(f"put the tasks in {own.path} back in their cgroups, remove it",
                      lambda: put_back(moved, own))
 
 
@@ -124,14 +69,13 @@ def _relink_steps(plan: Plan) -> None:
 
 def plan_checkpoint(store: Store, run: Run) -> Plan:
     plan = Plan(run)
-    _criu_step(plan, grace=10)
     _thaw_steps(plan)  # first: a frozen workload is thawed at once
     _relink_steps(plan)
     if not store.committed(run.id):
         provider = snapshot.get(run.begin.get("snapshot", "btrfs"))
         for e in run.events("snapshot"):
-            path = snapshot.snapshot_root(Path(e["volume"])) / run.id / str(e["n"])
-            if path.exists():
+            path = snapshot_path(Path(e["volume"]), run.id, e["n"])
+            if path.exists() or path.parent.exists():
                 plan.add(f"delete half-made snapshot {path}",
                          lambda p=path: provider.delete(str(p)))
         if store.exists(run.id):
@@ -140,31 +84,37 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
     return plan
 
 
+def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
+    """The PID of the tree CRIU restored, if it did: journaled, or in CRIU's pidfile (written
+    once the tree runs) and then only if that PID is in the checkpoint's cgroup."""
+    for e in run.events("restored"):
+        return e["pid"]
+    pidfile = store.dir(run.id) / "restore.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        return pid if freezer.cgroup_of(pid).rel == cgroup else None
+    except FscrError:
+        return None
+
+
 def plan_restore(store: Store, run: Run) -> Plan:
     plan = Plan(run)
-    _criu_step(plan, grace=30)
     try:
         m = store.load(run.id)
-    except Exception:  # the checkpoint was deleted since: only the swaps can be undone
-        m = None
+    except FscrError:
+        m = None  # deleted since: only the swaps can be undone
     provider = snapshot.get(m.snapshot if m else "btrfs")
     swaps = run.events("swap")
-    pidfile = store.dir(run.id) / "restore.pid"  # CRIU writes it once the tree runs
-    restored = [e["pid"] for e in run.events("restored")]
-    if not restored and pidfile.exists():
-        restored = [int(pidfile.read_text().strip())]
-    if restored and m is not None:
-        plan.add(f"record the restored tree (PID {restored[0]})",
-                 lambda: record_incarnation(store, m, restored[0]))
-    if restored:
-        plan.add("remove CRIU's pidfile", lambda: pidfile.unlink(missing_ok=True))
-        _relink_steps(plan)
-        rescues = [Path(e["rescue"]) for e in swaps if Path(e["rescue"]).exists()]
-        plan.add(f"seal and record rescue snapshots {[str(r) for r in rescues]}",
-                 lambda: complete_swaps(store, provider, rescues))
-        if m is not None and m.cgroup.original != m.cgroup.path:
-            plan.add(f"move the restored tree back to cgroup {m.cgroup.original}",
-                     lambda: return_to_original_cgroup(m))
+    root = _restored_root(store, run, m.cgroup.path) if m else None
+    if root is not None and m is not None:
+        rescues = [Path(e["rescue"]) for e in swaps]
+        plan.add(f"finish the restore of PID {root}: unlink relinks, seal and list rescue "
+                 "snapshots", lambda: finish_restore(store, m, provider, root, rescues))
+        plan.add("remove CRIU's pidfile",
+                 lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
     copies = {e["volume"]: e["copy"] for e in run.events("copy")}
     for e in reversed(swaps):
@@ -177,22 +127,55 @@ def plan_restore(store: Store, run: Run) -> Plan:
         else:
             plan.add(f"delete unused restore copy {rescue}",
                      lambda r=rescue: provider.delete(str(r)))
+    _relink_steps(plan)
     return plan
 
 
 def plan(store: Store, run: Run) -> Plan:
-    p = plan_restore(store, run) if run.op == "restore" else plan_checkpoint(store, run)
-    p.add(f"remove journal {run.path.name}", lambda: run.path.unlink(missing_ok=True))
-    return p
+    return plan_restore(store, run) if run.op == "restore" else plan_checkpoint(store, run)
+
+
+def _lock_keys(run: Run) -> list[str]:
+    keys = [volume_lock(Path(v)) for v in run.begin.get("volumes", [])]
+    for e in run.events("isolate"):
+        keys.append(workload_lock(Task(e["root"], e["starttime"])))
+    return keys
 
 
 def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Finish or undo every unfinished run; with dry_run, only say what would be done."""
+    """Finish or undo every unfinished run; with dry_run, only say what would be done.
+
+    A dead run's CRIU may still be working: gc lets it finish (or kills it after a grace
+    time) before it decides anything. A step that fails is reported, and the run's journal
+    stays for the next gc; other runs go on.
+    """
     report = []
-    for run in unfinished(store):
-        p = plan(store, run)
-        for _, do in [] if dry_run else p.steps:
-            do()
-        report.append({"id": run.id, "op": run.op, "pid": run.begin["pid"],
-                       "actions": [what for what, _ in p.steps], "done": not dry_run})
+    for run in unfinished(store.root):
+        entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin["pid"],
+                                 "done": not dry_run, "actions": [], "errors": []}
+        report.append(entry)
+        grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
+        forget = f"remove journal {run.path.name}"
+        if dry_run:
+            entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
+                                for c in _criu(run)] + [w for w, _ in plan(store, run).steps]
+            entry["actions"].append(forget)
+            continue
+        try:
+            with locks.hold(_lock_keys(run), wait=0):
+                for c in _criu(run):
+                    entry["actions"].append(f"waited for CRIU (PID {c.pid})")
+                    settle(c, grace)
+                for what, do in plan(store, run).steps:
+                    try:
+                        do()
+                        entry["actions"].append(what)
+                    except (OSError, FscrError) as e:
+                        entry["errors"].append(f"{what}: {e}")
+                if not entry["errors"]:  # else the journal stays: the next gc tries again
+                    run.path.unlink(missing_ok=True)
+                    entry["actions"].append(forget)
+        except Busy as e:
+            entry["done"] = False
+            entry["errors"].append(f"skipped, another run holds its lock: {e}")
     return report

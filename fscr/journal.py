@@ -1,6 +1,6 @@
 """A journal per run: every side effect is noted (and fsynced) before it is made.
 
-<store>/journal/<id>.<op>.jsonl holds one JSON object per line: first who runs ("begin",
+<store>/journal/<id>.<op>.<pid>.jsonl holds one JSON object per line: first who runs ("begin",
 with the fscr PID and start time), then each effect ("moved", "freeze", "relink", "snapshot",
 "criu", "swap", ...). A run that finishes removes its journal; one whose owner is gone is
 unfinished, and `fscr gc` reads it to undo or complete what the run did.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .process.tree import read_stat
+from .process.tree import Task, read_stat
 
 KILL_AT_ENV = "FSCR_TEST_KILL_AT"
 PAUSE_AT_ENV = "FSCR_TEST_PAUSE_AT"
@@ -32,8 +32,9 @@ class Journal:
 
     @classmethod
     def begin(cls, store_root: Path, ckpt_id: str, op: str, **data: Any) -> Journal:
-        """Start the journal of a run; `data` (volumes, snapshot kind) tells gc where to look."""
-        path = store_root / "journal" / f"{ckpt_id}.{op}.jsonl"
+        """Start the journal of a run; `data` (volumes, snapshot kind) tells gc where to look.
+        One journal per run: a retry never appends to (or removes) a dead run's journal."""
+        path = store_root / "journal" / f"{ckpt_id}.{op}.{os.getpid()}.jsonl"
         j = cls(path)
         me = read_stat(os.getpid())
         j.note("begin", op=op, id=ckpt_id, pid=os.getpid(),
@@ -58,16 +59,62 @@ class Journal:
         """The run finished (or was fully undone): nothing is left for gc."""
         self.path.unlink(missing_ok=True)
 
-    def entries(self) -> list[dict[str, Any]]:
-        return read(self.path)
-
 
 def read(path: Path) -> list[dict[str, Any]]:
-    """The journal's entries; a torn last line (fscr died mid-write) is ignored."""
+    """The journal's entries; a torn last line (fscr died mid-write) is ignored, and a journal
+    removed meanwhile (its run just finished) reads as empty."""
     out = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             break
     return out
+
+
+@dataclass
+class Run:
+    """The journal of one run, read back: by gc, and by runs that must not overlap it."""
+
+    path: Path
+    entries: list[dict[str, Any]]
+
+    @property
+    def begin(self) -> dict[str, Any]:
+        return self.entries[0]
+
+    @property
+    def id(self) -> str:
+        return self.begin["id"]
+
+    @property
+    def op(self) -> str:
+        return self.begin["op"]
+
+    def owner_alive(self) -> bool:
+        return Task(self.begin["pid"], self.begin["starttime"]).alive()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["event"] == name]
+
+
+def runs(store_root: Path) -> list[Run]:
+    out = []
+    for path in sorted((store_root / "journal").glob("*.jsonl")):
+        entries = read(path)
+        if entries and entries[0].get("event") == "begin":
+            out.append(Run(path, entries))
+        elif path.exists():  # died before its first line was whole: nothing was done yet
+            out.append(Run(path, [{"event": "begin", "op": "unknown",
+                                   "id": path.name.split(".")[0], "pid": 0, "starttime": 0}]))
+    return out
+
+
+def unfinished(store_root: Path, ckpt_id: str | None = None) -> list[Run]:
+    """Runs whose fscr is gone (of checkpoint `ckpt_id`, if given)."""
+    return [r for r in runs(store_root)
+            if not r.owner_alive() and (ckpt_id is None or r.id == ckpt_id)]

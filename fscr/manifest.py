@@ -9,28 +9,17 @@ corruption and edits, not authenticity.
 from __future__ import annotations
 
 import hashlib
-import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BadInput, BadManifest
+from . import names
+from .errors import BadManifest
 
 SCHEMA_VERSION = 1
-ID_RE = re.compile(r"[A-Za-z0-9_.]{1,64}")
 
-
-def check_id(value: str, what: str = "checkpoint id") -> str:
-    """Ids and names: [A-Za-z0-9_.]{1,64}, not starting with '.'. No '-': it separates id and
-    counter in unlink-at-restart-<id>-<n>."""
-    if not ID_RE.fullmatch(value) or value.startswith("."):
-        raise BadInput(
-            f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ . (not starting with .)")
-    return value
-
-
-Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,63}$")]
+Id = Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
 AbsPath = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
@@ -75,10 +64,11 @@ class VolumeRecord(Record):
 class Relink(Record):
     n: int = Field(ge=0)
     volume: AbsPath
-    name: Annotated[str, Field(pattern=r"^unlink-at-restart-[A-Za-z0-9_.]{1,64}-[0-9]+$")]
+    name: Annotated[str, Field(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+$")]
     original_path: AbsPath
     pid: int = Field(gt=0)
-    fd: int = Field(ge=0)
+    fd: int = Field(ge=-1)  # -1: held by a mapping or as the executable
+    kind: Literal["fd", "map", "exe"]
     key: Annotated[str, Field(pattern=r"^file\[[0-9a-f]+:[0-9a-f]+\]$")]
     flags: int = Field(ge=0)
     pos: int = Field(ge=0)
@@ -127,12 +117,31 @@ class Manifest(Record):
         return m
 
     def _check_confinement(self) -> None:
-        vols = {v.path for v in self.volumes}
+        """Everything restore, gc or delete will touch is named by fscr's own rules for this
+        id: nothing else can be reached through a crafted manifest."""
+        def bad(what: str) -> BadManifest:
+            return BadManifest(f"checkpoint {self.id}: {what}")
+
+        vols = [v.path for v in self.volumes]
+        if len(set(vols)) != len(vols) or [v.n for v in self.volumes] != list(range(len(vols))):
+            raise bad("volumes are repeated or misnumbered")
+        for v in self.volumes:
+            want = (None if self.snapshot == "none"
+                    else str(names.snapshot_path(Path(v.path), self.id, v.n)))
+            if v.snapshot != want:
+                raise bad(f"volume {v.path} names snapshot {v.snapshot}, expected {want}")
         for r in self.relinks:
             if r.volume not in vols:
-                raise BadManifest(f"relink {r.name} names volume {r.volume}, not in the checkpoint")
-            if not r.name.startswith(f"unlink-at-restart-{self.id}-"):
-                raise BadManifest(f"relink {r.name} does not belong to checkpoint {self.id}")
+                raise bad(f"relink {r.name} names volume {r.volume}, not in the checkpoint")
+            if r.name != names.relink_name(self.id, r.n):
+                raise bad(f"relink {r.name} does not belong to this checkpoint")
+        cg = self.cgroup
+        moved = f"/{names.FSCR_GROUP}/{names.ckpt_cgroup(self.id)}"
+        if cg.path != cg.original and cg.path != moved:
+            raise bad(f"cgroup {cg.path} is neither the tree's own ({cg.original}) nor {moved}")
+        if len({(t.pid, t.starttime) for t in self.tasks}) != len(self.tasks) or (
+                self.tasks and self.tasks[0] != self.root):
+            raise bad("task list is inconsistent with the root task")
 
 
 def digest(raw: bytes) -> str:

@@ -2,14 +2,15 @@
 
 checkpoint: check -> lock -> isolate -> watchdog -> freeze -> scan -> relink -> snapshot
             -> dump -> unrelink -> commit -> (kill) -> thaw
-restore:    validate -> lock -> make room -> swap volumes in -> reopen relinks -> CRIU restore
-            -> unlink relinks -> seal rescue snapshots
+restore:    lock -> validate -> make room -> swap volumes in -> reopen relinks -> CRIU restore
+            -> finish (lineage, unlink relinks, seal rescue snapshots, cgroup)
 
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import backends, locks, relink, snapshot
+from . import journal as journal_mod
 from .backends import DumpRequest, RestoreRequest
 from .errors import (
     BadManifest,
@@ -43,13 +45,13 @@ from .manifest import (
     Relink,
     TaskRecord,
     VolumeRecord,
-    check_id,
 )
+from .names import check_id, is_rescue, relink_name, rescue_path
 from .process import freezer
 from .process.files import OpenFile, holders, open_files
 from .process.freezer import Cgroup
 from .process.target import Target, isolate, put_back, resolve
-from .process.tree import Task, descendants, read_stat
+from .process.tree import Task, descendants, read_stat, task_of
 from .store import Store
 from .watchdog import Watchdog
 
@@ -71,6 +73,10 @@ def new_id() -> str:
 
 def volume_lock(path: Path) -> str:
     return f"volume {os.path.realpath(path)}"
+
+
+def workload_lock(root: Task) -> str:
+    return f"workload PID {root.pid} (start {root.starttime})"
 
 
 @dataclass
@@ -126,16 +132,15 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     backend = backends.get(req.backend)
     if req.kill and not backend.writes_image:
         raise Refused("--kill with --backend freeze-only would lose the processes: refused")
-    volumes = list(dict.fromkeys(Path(v).absolute() for v in req.volumes))
+    # realpath: a manifest holds clean absolute paths, and the snapshots go beside the real
+    # directory, not beside a symlink to it.
+    volumes = list(dict.fromkeys(Path(os.path.realpath(v)) for v in req.volumes))
     for vol in volumes:
         provider.check(vol)
     backend.check()
     root, named = resolve(req.target)
-    root_task = descendants(root)[0]
-    keys = [volume_lock(v) for v in volumes] + [f"workload PID {root} ({root_task.starttime})"]
+    keys = [volume_lock(v) for v in volumes] + [workload_lock(task_of(root))]
     with locks.hold(keys, progress):
-        if store.exists(ckpt_id):
-            raise FscrError(f"checkpoint id {ckpt_id} already exists in {store.root}")
         run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
                           Timings(progress=progress))
         return run.execute(named)
@@ -158,12 +163,17 @@ class _Checkpoint:
         self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
                                      volumes=[str(v) for v in self.volumes],
                                      snapshot=self.provider.name)
-        self.store.reserve(self.id)
+        try:
+            self.store.reserve(self.id)
+        except BaseException:
+            self.journal.close()
+            raise
         try:
             for vol in self.volumes:
                 syncfs(vol)  # so the snapshot does not flush dirty data in the frozen window
             with self.t.stage("isolate"):
-                self.journal.note("isolate", root=self.root)
+                root = task_of(self.root)
+                self.journal.note("isolate", root=root.pid, starttime=root.starttime)
                 cg, moved = isolate(self.root, named, self.id, self.journal.note)
             try:
                 m = self.frozen_window(cg, moved)
@@ -196,10 +206,13 @@ class _Checkpoint:
                 for x in tasks:
                     os.kill(x.pid, signal.SIGKILL)  # delivered once thawed
         finally:
-            self.journal.note("thaw", cgroup=str(cg.path))
-            cg.thaw()
-            window = time.monotonic() - t0
-            why = dog.stop()
+            try:
+                cg.thaw()  # an undo: made first, noted after (a full store must not stop it)
+                window = time.monotonic() - t0
+            finally:
+                why = dog.stop()
+            with contextlib.suppress(OSError):
+                self.journal.note("thawed", cgroup=str(cg.path))
         if m is not None:
             return m
         if why is not None:
@@ -260,7 +273,7 @@ class _Checkpoint:
         with self.t.stage("relink"):
             for n, f in enumerate(unlinked.values()):
                 vol = devs[f.dev]
-                self.journal.note("relink", volume=str(vol), name=relink.relink_name(self.id, n))
+                self.journal.note("relink", volume=str(vol), name=relink_name(self.id, n))
                 out.append(relink.relink(f, vol, self.id, n))
         return out
 
@@ -316,15 +329,20 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
             progress: Progress = quiet) -> RestoreResult:
     """Put the volumes back as they were at the checkpoint and restore the tree.
 
-    Every check runs before anything is killed or swapped. If CRIU fails after the swap, the
-    volumes are swapped back (their restored copies removed) and RestoreRolledBack is raised.
+    Every check runs before anything is killed or swapped. If anything fails after the swap,
+    the volumes are swapped back (their restored copies removed); if that fails too, or fscr
+    dies, the journal lets `fscr gc` finish the job.
     """
     require_root()
     store = Store.open(store_dir)
-    t = Timings(progress=progress)
     m = store.load(check_id(ckpt_id))
     with locks.hold([volume_lock(Path(v.path)) for v in m.volumes], progress):
-        run = _Restore(store, m, t, snapshot.get(m.snapshot), backends.get(m.backend))
+        dead = journal_mod.unfinished(store.root, m.id)
+        if dead:
+            raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
+                          "run `fscr gc` first")
+        run = _Restore(store, m, Timings(progress=progress), snapshot.get(m.snapshot),
+                       backends.get(m.backend))
         return run.execute(replace, force, volumes_only)
 
 
@@ -340,23 +358,39 @@ class _Restore:
         processes = self.backend.writes_image and not volumes_only
         with self.t.stage("validate"):
             live = self.validate(processes, replace, force)
+            rescue = f"rescue_{self.m.id}_{datetime.now(UTC):%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}"
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
                                      volumes=[v.path for v in self.m.volumes])
+        swapped: list[tuple[Path, Path]] = []
+        pid = None
         try:
             if processes:
                 with self.t.stage("make room"):
                     self.make_room(live)
                 freezer.ensure(self.m.cgroup.path)  # restored tasks land there: thawed
-            swapped = self.swap_in()
-            pid = self.restore_processes(swapped) if processes else None
-            self.finish(swapped)
-            if processes and self.m.cgroup.original != self.m.cgroup.path:
-                return_to_original_cgroup(self.m)
-        finally:
+            with self.t.stage("swap"):
+                self.swap_in(rescue, swapped)
+            if processes:
+                with self.t.stage("restore"):
+                    pid = self.restore_processes()
+        except BaseException as e:
+            for vol, r in reversed(swapped):  # if this fails, the journal stays for gc
+                self.provider.swap_back(vol, r)
             self.journal.close()
+            if isinstance(e, FscrError) and swapped:
+                killed = " (the old tree was killed by --replace)" if live else ""
+                raise RestoreRolledBack(
+                    f"{e}; the volumes were put back as they were{killed}") from None
+            raise
+        # The tree runs: from here on nothing is undone. A failure leaves the journal, and
+        # gc completes these steps.
+        with self.t.stage("finish"):
+            self.finish(pid, [r for _, r in swapped])
+        self.journal.close()
         return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped], self.t.seconds)
 
-    def validate(self, processes: bool, replace: bool, force: bool) -> list[TaskRecord]:
+    def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
+        """Every check, before anything is killed or swapped. Returns the live tree."""
         m = self.m
         self.store.verify_images(m)
         if processes:
@@ -365,26 +399,57 @@ class _Restore:
             self.provider.check(Path(v.path))
             if v.snapshot is not None and not Path(v.snapshot).is_dir():
                 raise BadManifest(f"checkpoint {m.id}: snapshot {v.snapshot} is missing")
-        lineage = (m.lineage.pid, m.lineage.starttime)
-        known = [(x.pid, x.starttime) for x in m.tasks] + self.store.incarnations(lineage)
-        live = [TaskRecord(pid=p, starttime=s) for p, s in known if Task(p, s).alive()]
+        by_volume = {v.path: v for v in m.volumes}
+        for r in m.relinks:
+            snap = by_volume[r.volume].snapshot
+            if snap is not None and not relink.present(Path(snap), r.name):
+                raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
+                                  f"from snapshot {snap}")
+        live = self.live_tree()
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)
             raise TreeStillRunning(f"checkpoint {m.id}: its tree still runs (PID {pids}); "
                                    "use --replace to kill it first")
+        if processes:
+            mine = {x.pid for x in live}
+            taken = [x.pid for x in m.tasks if x.pid not in mine
+                     and (st := read_stat(x.pid)) is not None and st.state not in "ZX"]
+            if taken:
+                raise TreeStillRunning(f"PIDs {taken} of checkpoint {m.id} belong to other "
+                                       "processes; CRIU restores the original PIDs")
         devs = {os.stat(v.path).st_dev for v in m.volumes}
-        others = holders(devs, exclude={x.pid for x in live} if replace else set())
+        spared = {x.pid for x in live} if (replace and processes) else set()
+        others = holders(devs, exclude=spared)
         if others and not force and self.provider.name != "none":
             raise Refused(f"processes outside the checkpoint hold files on its volumes "
                           f"(PID {', '.join(map(str, sorted(others)))}); stop them or use --force")
         return live
 
-    def make_room(self, live: list[TaskRecord]) -> None:
+    def live_tree(self) -> list[Task]:
+        """The checkpoint's tree if it runs: its tasks or those a restore brought back (the
+        lineage), each checked to be in the checkpoint's cgroup before --replace may kill it."""
+        m = self.m
+        known = [Task(x.pid, x.starttime) for x in m.tasks]
+        known += [Task(p, s) for p, s in self.store.incarnations(
+            (m.lineage.pid, m.lineage.starttime))]
+        live = list(dict.fromkeys(t for t in known if t.alive()))
+        allowed = {m.cgroup.path, m.cgroup.original}
+        for t in live:
+            try:
+                where = freezer.cgroup_of(t.pid).rel
+            except FscrError:
+                continue
+            if where not in allowed:
+                raise Refused(f"PID {t.pid} matches checkpoint {m.id} but lives in cgroup "
+                              f"{where}, not {m.cgroup.original}; refusing to touch it")
+        return live
+
+    def make_room(self, live: list[Task]) -> None:
         """Kill the still-running tree (--replace) and wait until every PID of the image is
         free: CRIU restores the original PIDs."""
         self.journal.note("kill", pids=[x.pid for x in live])
         for x in live:
-            if Task(x.pid, x.starttime).alive():
+            if x.alive():
                 try:
                     os.kill(x.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -396,72 +461,61 @@ class _Restore:
                                        "use; CRIU needs them free to restore")
             time.sleep(0.05)
 
-    def swap_in(self) -> list[tuple[Path, Path]]:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        swapped: list[tuple[Path, Path]] = []
-        with self.t.stage("swap"):
-            for v in self.m.volumes:
-                if v.snapshot is None:
-                    continue
-                vol = Path(v.path)
-                rescue = snapshot.snapshot_root(vol) / f"rescue_{self.m.id}_{stamp}" / str(v.n)
-                self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=str(rescue))
-                self.provider.swap_in(
-                    v.snapshot, vol, rescue,
-                    lambda copy, v=v: self.journal.note("copy", volume=v.path, copy=copy))
-                swapped.append((vol, rescue))
-        return swapped
+    def swap_in(self, rescue: str, swapped: list[tuple[Path, Path]]) -> None:
+        for v in self.m.volumes:
+            if v.snapshot is None:
+                continue
+            vol, dest = Path(v.path), rescue_path(Path(v.path), rescue, v.n)
+            self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=str(dest))
+            self.provider.swap_in(
+                v.snapshot, vol, dest,
+                lambda copy, v=v: self.journal.note("copy", volume=v.path, copy=copy))
+            swapped.append((vol, dest))
 
-    def restore_processes(self, swapped: list[tuple[Path, Path]]) -> int:
+    def restore_processes(self) -> int:
         fds: list[tuple[int, str]] = []
+        pidfile = self.store.dir(self.m.id) / "restore.pid"
         try:
-            with self.t.stage("restore"):
-                for r in self.m.relinks:
-                    fds.append((relink.reopen(r, Path(r.volume)), r.key))
-                pid = self.backend.restore(RestoreRequest(
-                    images=self.store.images(self.m.id),
-                    log=self.store.dir(self.m.id) / "criu-restore.log", inherit=fds),
-                    _noting_pid(self.journal))
-                self.journal.note("restored", pid=pid)
-                record_incarnation(self.store, self.m, pid)
-                return pid
-        except FscrError as e:
-            for vol, rescue in reversed(swapped):
-                self.provider.swap_back(vol, rescue)
-            raise RestoreRolledBack(f"{e}; the volumes were put back as they were") from None
+            for r in self.m.relinks:
+                fds.append((relink.reopen(r, Path(r.volume)), r.key))
+            pid = self.backend.restore(RestoreRequest(
+                images=self.store.images(self.m.id),
+                log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
+                inherit=fds), _noting_pid(self.journal))
         finally:
             for fd, _ in fds:
                 os.close(fd)
+        self.journal.note("restored", pid=pid)
+        pidfile.unlink(missing_ok=True)
+        return pid
 
-    def finish(self, swapped: list[tuple[Path, Path]]) -> None:
-        """The restored tasks run: unlink the relinks (they see those files unlinked again),
-        seal and record the rescue snapshots."""
-        with self.t.stage("unrelink"):
-            for v in self.m.volumes:
-                relink.remove_relinks(Path(v.path), self.m.id)
-        complete_swaps(self.store, self.provider, [r for _, r in swapped])
+    def finish(self, pid: int | None, rescues: list[Path]) -> None:
+        finish_restore(self.store, self.m, self.provider, pid, rescues)
 
 
-def record_incarnation(store: Store, m: Manifest, root: int) -> None:
-    """Remember the restored tree under the checkpoint's lineage (store.py)."""
-    store.record_incarnation((m.lineage.pid, m.lineage.starttime),
-                             [(t.pid, t.starttime) for t in descendants(root)],
-                             lambda t: Task(*t).alive())
-
-
-def complete_swaps(store: Store, provider: snapshot.Provider, rescues: list[Path]) -> None:
-    """Seal the rescue snapshots read-only and record them, so `fscr list` shows them."""
-    for rescue in rescues:
-        provider.seal(rescue)
+def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
+                   rescues: list[Path]) -> None:
+    """The restored tree runs: remember it (lineage), unlink the relinks (the tasks see those
+    files unlinked again), seal and record the rescue snapshots, and move the tree back to
+    its own cgroup if fscr moved it for the checkpoint. Idempotent: gc reruns it."""
+    if pid is not None:
+        try:
+            tasks = descendants(pid)
+        except FscrError:
+            tasks = []  # the restored tree exited already
+        store.record_incarnation((m.lineage.pid, m.lineage.starttime),
+                                 [(t.pid, t.starttime) for t in tasks],
+                                 lambda t: Task(*t).alive())
+    for v in m.volumes:
+        relink.remove_relinks(Path(v.path), m.id)
+    rescues = [r for r in rescues if r.exists()]
+    for r in rescues:
+        provider.seal(r)
     if rescues:
         store.add_rescue(rescues[0].parent.name, [str(r) for r in rescues])
-
-
-def return_to_original_cgroup(m: Manifest) -> None:
-    """The tree was moved into fscr's cgroup for the window: CRIU restored it there; move it
-    back where it lived and drop fscr's cgroup."""
-    own = freezer.at(m.cgroup.path)
-    put_back({pid: m.cgroup.original for pid in own.procs()}, own)
+    if pid is not None and m.cgroup.original != m.cgroup.path:
+        own = freezer.at(m.cgroup.path)
+        put_back({p: m.cgroup.original for p in (own.procs() if own.exists() else [])}, own)
 
 
 # -------------------------------------------------------------------------------- delete
@@ -471,22 +525,26 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     Returns what was removed."""
     require_root()
     store = Store.open(store_dir)
-    check_id(name, "checkpoint id")
-    if store.committed(name):
-        m = store.load(name)
-        provider = snapshot.get(m.snapshot)
-        with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
-            removed = []
-            for v in m.volumes:
-                if v.snapshot is not None:
-                    provider.delete(v.snapshot)
-                    removed.append(v.snapshot)
-            store.remove(name)
-        return removed + [str(store.dir(name))]
-    for r in store.rescues():
-        if r.get("name") == name:
-            for p in r["paths"]:
-                snapshot.get("btrfs").delete(p)
-            store.remove_rescue(name)
-            return list(r["paths"])
-    raise NoSuchCheckpoint(f"no checkpoint or rescue snapshot {name} in {store.root}")
+    if is_rescue(name):
+        for r in store.rescues():
+            if r.get("name") == name:
+                provider = snapshot.get("btrfs")
+                for p in r["paths"]:
+                    if Path(p).parent.name != name:
+                        raise BadManifest(f"rescue record {name} names {p}, not its own")
+                    provider.delete(p)
+                store.remove_rescue(name)
+                return list(r["paths"])
+        raise NoSuchCheckpoint(f"no rescue snapshot {name} in {store.root}")
+    if not store.committed(check_id(name)):
+        raise NoSuchCheckpoint(f"no checkpoint {name} in {store.root}")
+    m = store.load(name)
+    provider = snapshot.get(m.snapshot)
+    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
+        removed = []
+        for v in m.volumes:
+            if v.snapshot is not None:
+                provider.delete(v.snapshot)
+                removed.append(v.snapshot)
+        store.remove(name)
+    return removed + [str(store.dir(name))]

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadManifest, FscrError, NoSuchCheckpoint
+from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
 from .fsutil import sha256_file, write_atomic
-from .manifest import Manifest, check_id, digest
+from .manifest import Manifest, digest
+from .names import check_id, is_rescue
 
 DEFAULT = Path("/var/lib/fscr")
 
@@ -40,6 +41,8 @@ class Store:
 
     @classmethod
     def open(cls, root: str | Path | None = None) -> Store:
+        if os.geteuid() != 0:
+            raise NotRoot("fscr must run as root (its store is root-only)")
         root = Path(root or os.environ.get("FSCR_STORE") or DEFAULT)
         _private_dir(root)
         _private_dir(root / "checkpoints")
@@ -63,7 +66,7 @@ class Store:
         try:
             d.mkdir(mode=0o700)
         except FileExistsError:
-            raise FscrError(f"checkpoint id {ckpt_id} already exists in {self.root}") from None
+            raise BadInput(f"checkpoint id {ckpt_id} already exists in {self.root}") from None
         (d / "images").mkdir(mode=0o700)
         return d
 
@@ -165,7 +168,7 @@ class Store:
     def add_rescue(self, name: str, paths: list[str]) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed."""
         data = json.dumps({"name": name, "paths": paths}).encode()
-        write_atomic(self.root / "rescues" / f"{check_id(name, 'rescue name')}.json", data)
+        write_atomic(self._rescue_file(name), data)
 
     def rescues(self) -> list[dict]:
         out = []
@@ -177,4 +180,9 @@ class Store:
         return out
 
     def remove_rescue(self, name: str) -> None:
-        (self.root / "rescues" / f"{check_id(name, 'rescue name')}.json").unlink(missing_ok=True)
+        self._rescue_file(name).unlink(missing_ok=True)
+
+    def _rescue_file(self, name: str) -> Path:
+        if not is_rescue(name):
+            raise FscrError(f"invalid rescue snapshot name {name!r}")
+        return self.root / "rescues" / f"{name}.json"

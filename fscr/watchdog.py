@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .journal import read
 from .process.freezer import Cgroup
-from .process.tree import Task
+from .process.tree import Task, settle
 
 GRACE = 10.0  # seconds a dying fscr's CRIU may take to finish before it is killed
 
@@ -74,15 +74,6 @@ def _criu_of(journal: Path) -> Task | None:
     return Task(runs[-1]["pid"], runs[-1]["starttime"]) if runs else None
 
 
-def _settle_criu(journal: Path, until: float) -> None:
-    """Let CRIU finish until `until`, then kill it."""
-    while (criu := _criu_of(journal)) is not None and criu.alive():
-        if time.monotonic() >= until:
-            try:
-                os.kill(criu.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
 
 
 def main(kind: str, path: str, journal: str, max_freeze: str) -> None:
@@ -94,16 +85,18 @@ def main(kind: str, path: str, journal: str, max_freeze: str) -> None:
         left = deadline - time.monotonic()
         ready = select.select([0], [], [], max(left, 0))[0] if left > 0 else []
         if not ready:
-            why, until = f"the tree was frozen longer than --max-freeze {max_freeze}s", 0.0
+            why, grace = f"the tree was frozen longer than --max-freeze {max_freeze}s", 0.0
             break
         chunk = os.read(0, 64)
         got += chunk
         if b"done" in got:
             return
         if not chunk:
-            why, until = "fscr died while the tree was frozen", time.monotonic() + GRACE
+            why, grace = "fscr died while the tree was frozen", GRACE
             break
-    _settle_criu(jpath, until)
+    criu = _criu_of(jpath)
+    if criu is not None:
+        settle(criu, grace)
     if cg.exists():
         cg.thaw()
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fscr.names import FSCR_GROUP
 from fscr.process import freezer
 
 HERE = Path(__file__).parent
@@ -46,7 +47,7 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition"):  # noqa: ANN
 def fscr_cgroup_parent() -> Iterator[None]:
     """fscr creates its cgroups under <hierarchy>/fscr; remove that group after the session
     if the tests brought it into being (and nothing else lives in it)."""
-    parent = freezer.at(freezer.FSCR_GROUP).path
+    parent = freezer.at(FSCR_GROUP).path
     existed = parent.exists()
     yield
     if not existed and parent.exists():
@@ -109,9 +110,12 @@ class Workloads:
     cgroups: list[str] = field(default_factory=list)
 
     def start(self, kind: str, *args: str, name: str | None = None) -> tuple[int, str]:
+        """Start workload `kind` of tests/workloads/w.py; returns its PID and name."""
+        return self.run(sys.executable, str(WORKLOAD), kind, *args, name=name)
+
+    def run(self, *argv: str, name: str | None = None) -> tuple[int, str]:
         name = name or f"t{secrets.token_hex(4)}"
-        out = fscr("run", "--name", name, "--json", "--", sys.executable, str(WORKLOAD), kind,
-                   *args)
+        out = fscr("run", "--name", name, "--json", "--", *argv)
         info = json.loads(out.stdout)
         self.cgroups.append(info["cgroup"])
         return info["pid"], name

@@ -52,7 +52,7 @@ def gc(store: Path, *args: str) -> dict:
 
 
 CHECKPOINT_EVENTS = ["begin", "isolate", "freeze", "relink", "snapshot", "dump", "criu",
-                     "dumped", "commit", "thaw"]
+                     "dumped", "commit", "thawed"]
 
 
 @pytest.mark.parametrize("event", CHECKPOINT_EVENTS)

@@ -28,6 +28,7 @@ class DumpRequest:
 class RestoreRequest:
     images: Path
     log: Path
+    pidfile: Path  # written by CRIU once the tree runs; left for the caller to remove
     inherit: list[tuple[int, str]]  # (fd open in fscr, CRIU key) for every external file
 
 

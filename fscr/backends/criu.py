@@ -111,7 +111,7 @@ class Criu:
         _run(argv, req.log, "dump", started)
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
-        pidfile = req.images.parent / "restore.pid"
+        pidfile = req.pidfile
         pidfile.unlink(missing_ok=True)
         # -W: CRIU writes stats-restore to its work dir; the image dir must stay as dumped
         # (its files are checksummed in the manifest).
@@ -119,8 +119,8 @@ class Criu:
                 "-o", str(req.log), "-v4", "--restore-detached", "--pidfile", str(pidfile)]
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+        _run(argv, req.log, "restore", started, tuple(fd for fd, _ in req.inherit))
         try:
-            _run(argv, req.log, "restore", started, tuple(fd for fd, _ in req.inherit))
             return int(pidfile.read_text().strip())
-        finally:
-            pidfile.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            raise CriuFailed(f"CRIU restore wrote no pidfile {pidfile} (log: {req.log})") from None

@@ -1,7 +1,8 @@
-"""Open-file scan: which regular files a task tree holds, from /proc/PID/fd and fdinfo.
+"""Open-file scan: which regular files a task holds, by fd (/proc/PID/fd and fdinfo), by
+memory mapping (/proc/PID/map_files) and as its executable (/proc/PID/exe).
 
 The record of one open file (OpenFile) is what relinking needs at checkpoint and what
-restore needs to reopen it: path, inode, mount id, access flags and offset.
+restore needs to reopen it: how to reach the inode, its mount id, access flags and offset.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tree import all_pids
+
 DELETED = " (deleted)"
 
 
 @dataclass(frozen=True)
 class OpenFile:
     pid: int
-    fd: int
+    fd: int  # -1 for a mapping or the executable
+    kind: str  # "fd", "map" or "exe"
+    source: str  # the /proc magic link that reaches the open inode
     path: str  # the path the kernel shows, without " (deleted)"
     deleted: bool  # the path no longer names this inode
-    flags: int  # open flags from fdinfo
+    flags: int  # open flags (fdinfo); O_RDONLY for mappings and the executable
     pos: int
     mnt_id: int
     dev: int
@@ -33,13 +38,14 @@ class OpenFile:
 
     @property
     def external_key(self) -> str:
-        """CRIU's id for this file: file[<mnt_id hex>:<inode hex>] (criu/files-reg.c)."""
+        """CRIU's id for this file: file[<mnt_id hex>:<inode hex>] (criu/files-reg.c). CRIU
+        looks it up for fds, mappings and the executable alike."""
         return f"file[{self.mnt_id:x}:{self.ino:x}]"
 
 
-def _fdinfo(pid: int, fd: int) -> dict[str, str]:
+def _fdinfo(path: str) -> dict[str, str]:
     out = {}
-    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         key, _, value = line.partition(":")
         out[key.strip()] = value.strip()
     return out
@@ -58,55 +64,67 @@ def _is_deleted(target: str, st: os.stat_result) -> bool:
         return True
 
 
-def open_files(pid: int) -> list[OpenFile]:
-    """Every regular file `pid` holds open by fd. Files that vanish mid-scan are skipped."""
-    out = []
-    fd_dir = Path(f"/proc/{pid}/fd")
+def _record(pid: int, fd: int, kind: str, source: str) -> OpenFile | None:
+    """The OpenFile behind magic link `source`, or None if it is gone or not a regular file."""
     try:
-        fds = sorted(int(n) for n in os.listdir(fd_dir))
-    except FileNotFoundError:
-        return out
-    for fd in fds:
-        link = fd_dir / str(fd)
-        try:
-            target = os.readlink(link)
-            st = os.stat(link)  # follows the magic link: the open inode itself
-            info = _fdinfo(pid, fd)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+        target = os.readlink(source)
+        st = os.stat(source)  # follows the magic link: the open inode itself
         if not stat.S_ISREG(st.st_mode):
+            return None
+        if kind == "fd":
+            info = _fdinfo(f"/proc/{pid}/fdinfo/{fd}")
+            flags, pos = int(info["flags"], 8), int(info["pos"])
+        else:  # no fdinfo for these: an O_PATH fd of our own tells the mount id
+            o = os.open(source, os.O_PATH)
+            try:
+                info = _fdinfo(f"/proc/self/fdinfo/{o}")
+            finally:
+                os.close(o)
+            flags, pos = os.O_RDONLY, 0
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    deleted = _is_deleted(target, st)
+    path = target[: -len(DELETED)] if deleted and target.endswith(DELETED) else target
+    return OpenFile(pid=pid, fd=fd, kind=kind, source=source, path=path, deleted=deleted,
+                    flags=flags, pos=pos, mnt_id=int(info["mnt_id"]), dev=st.st_dev,
+                    ino=st.st_ino, nlink=st.st_nlink, size=st.st_size,
+                    mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+
+
+def open_files(pid: int) -> list[OpenFile]:
+    """Every regular file `pid` holds: its fds, its exe, its file mappings (one per inode).
+    Files that vanish mid-scan are skipped."""
+    links = [(int(n), "fd", f"/proc/{pid}/fd/{n}")
+             for n in sorted(_listdir(f"/proc/{pid}/fd"), key=int)]
+    links.append((-1, "exe", f"/proc/{pid}/exe"))
+    links += [(-1, "map", f"/proc/{pid}/map_files/{n}")
+              for n in sorted(_listdir(f"/proc/{pid}/map_files"))]
+    out: list[OpenFile] = []
+    mapped: set[tuple[int, int]] = set()
+    for fd, kind, source in links:
+        f = _record(pid, fd, kind, source)
+        if f is None:
             continue
-        deleted = _is_deleted(target, st)
-        path = target[: -len(DELETED)] if deleted and target.endswith(DELETED) else target
-        out.append(
-            OpenFile(
-                pid=pid,
-                fd=fd,
-                path=path,
-                deleted=deleted,
-                flags=int(info["flags"], 8),
-                pos=int(info["pos"]),
-                mnt_id=int(info["mnt_id"]),
-                dev=st.st_dev,
-                ino=st.st_ino,
-                nlink=st.st_nlink,
-                size=st.st_size,
-                mode=stat.S_IMODE(st.st_mode),
-                uid=st.st_uid,
-                gid=st.st_gid,
-            )
-        )
+        if kind == "map":
+            if (f.dev, f.ino) in mapped:
+                continue
+            mapped.add((f.dev, f.ino))
+        out.append(f)
     return out
 
 
 def _uses_dev(pid: int, devs: set[int]) -> bool:
-    base = Path(f"/proc/{pid}")
-    links = [base / "cwd", base / "root", base / "exe"]
-    try:
-        links += [base / "fd" / n for n in os.listdir(base / "fd")]
-        links += [base / "map_files" / n for n in os.listdir(base / "map_files")]
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
+    base = f"/proc/{pid}"
+    links = [f"{base}/cwd", f"{base}/root", f"{base}/exe"]
+    links += [f"{base}/fd/{n}" for n in _listdir(f"{base}/fd")]
+    links += [f"{base}/map_files/{n}" for n in _listdir(f"{base}/map_files")]
     for link in links:
         try:
             if os.stat(link).st_dev in devs:
@@ -119,5 +137,4 @@ def _uses_dev(pid: int, devs: set[int]) -> bool:
 def holders(devs: set[int], exclude: set[int]) -> list[int]:
     """PIDs outside `exclude` that hold a file, cwd, root or mapping on one of `devs`."""
     me = os.getpid()
-    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-    return [p for p in pids if p not in exclude and p != me and _uses_dev(p, devs)]
+    return [p for p in all_pids() if p not in exclude and p != me and _uses_dev(p, devs)]

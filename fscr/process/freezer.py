@@ -13,8 +13,6 @@ from pathlib import Path
 
 from ..errors import BadTarget, MissingDependency
 
-FSCR_GROUP = "fscr"  # every cgroup fscr creates lives under this name in its hierarchy
-
 
 def _mounts() -> list[tuple[str, Path, str]]:
     """(fstype, mount point, super options) from /proc/self/mountinfo."""
@@ -51,7 +49,8 @@ class Cgroup:
     def rel(self) -> str:
         """The path as /proc/PID/cgroup shows it, e.g. /fscr/app."""
         root = v2_root() if self.kind == "v2" else v1_freezer_root()
-        return "/" + str(self.path.relative_to(root)).strip(".")
+        rel = self.path.relative_to(root)
+        return "/" if rel == Path(".") else f"/{rel}"
 
     def procs(self) -> list[int]:
         return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
@@ -87,10 +86,10 @@ class Cgroup:
         return self.path.is_dir()
 
     def remove(self) -> None:
-        """Remove the (empty) cgroup; a cgroup that still holds tasks stays."""
+        """Remove the cgroup if it is empty; one that still holds tasks (EBUSY) stays."""
         try:
             os.rmdir(self.path)
-        except FileNotFoundError:
+        except OSError:
             pass
 
 
@@ -139,17 +138,8 @@ def from_user_path(path: str) -> Cgroup:
     return Cgroup(kind, full)
 
 
-def create(rel: str) -> Cgroup:
-    """Create (if needed) the cgroup `rel` below fscr's group and return it thawed."""
-    cg = at(f"{FSCR_GROUP}/{rel}")
-    cg.path.mkdir(parents=True, exist_ok=True)
-    if cg.frozen():
-        cg.thaw()
-    return cg
-
-
 def ensure(rel: str) -> Cgroup:
-    """Make sure cgroup `rel` exists and is thawed (restored tasks land in it)."""
+    """Make sure cgroup `rel` exists and is thawed (new or restored tasks land in it)."""
     cg = at(rel)
     cg.path.mkdir(parents=True, exist_ok=True)
     if cg.frozen():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput, Busy
+from ..names import FSCR_GROUP
 from . import freezer
 from .target import name_cgroup
 
@@ -27,15 +28,18 @@ class Started:
 def run(argv: list[str], name: str | None = None, log: str | None = None) -> Started:
     if not argv:
         raise BadInput("fscr run needs a command after --")
-    rel = name_cgroup(name) if name else f"{freezer.FSCR_GROUP}/run_{secrets.token_hex(4)}"
+    rel = name_cgroup(name) if name else f"{FSCR_GROUP}/run_{secrets.token_hex(4)}"
     cg = freezer.at(rel)
     if cg.exists() and cg.procs():
         raise Busy(f"a workload named {name} is already running (cgroup {cg.path})")
-    cg = freezer.create(rel.removeprefix(f"{freezer.FSCR_GROUP}/"))
     # O_APPEND: CRIU skips its size check only for files opened so (criu/files-reg.c); any
     # other log that grows after the checkpoint would fail restore with "bad size".
-    out = (os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log
-           else os.open(os.devnull, os.O_WRONLY))
+    try:
+        out = (os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log
+               else os.open(os.devnull, os.O_WRONLY))
+    except OSError as e:
+        raise BadInput(f"cannot open log {log}: {e.strerror}") from None
+    cg = freezer.ensure(rel)
     procs = cg.path / "cgroup.procs"
 
     def join_cgroup() -> None:  # runs in the child, before exec

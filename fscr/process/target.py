@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import BadTarget
-from ..manifest import check_id
+from ..names import FSCR_GROUP, check_id, ckpt_cgroup
 from . import freezer
 from .freezer import Cgroup
 from .tree import descendants, read_stat, refuse_unsafe_root
@@ -27,7 +27,7 @@ class Target:
 
 def name_cgroup(name: str) -> str:
     """The cgroup `fscr run --name NAME` starts its workload in."""
-    return f"{freezer.FSCR_GROUP}/{check_id(name, 'name')}"
+    return f"{FSCR_GROUP}/{check_id(name, 'name')}"
 
 
 def _all_procs(cg: Cgroup) -> set[int]:
@@ -79,37 +79,45 @@ def isolate(root: int, named: Cgroup | None, ckpt_id: str,
     tree = {t.pid for t in descendants(root)}
     if cg.path != hroot and _all_procs(cg) == tree:
         return cg, {}
-    own = freezer.create(f"ckpt_{ckpt_id}")
+    own = freezer.ensure(f"{FSCR_GROUP}/{ckpt_cgroup(ckpt_id)}")
     moved: dict[int, str] = {}
-    for _ in range(20):
-        pending = [t for t in descendants(root) if t.pid not in moved]
-        if not pending:
-            return own, moved
-        for t in pending:
-            orig = freezer.cgroup_of(t.pid)
-            moved[t.pid] = orig.rel
-            note("move", pid=t.pid, cgroup=str(own.path), kind=own.kind, original=orig.rel)
-            try:
-                own.add(t.pid)
-            except ProcessLookupError:
-                moved.pop(t.pid)
-    raise BadTarget(f"tree of PID {root} keeps forking; cannot isolate it for freezing")
+    try:
+        for _ in range(20):
+            pending = [t for t in descendants(root) if t.pid not in moved]
+            if not pending:
+                return own, moved
+            for t in pending:
+                try:
+                    orig = freezer.cgroup_of(t.pid).rel
+                except BadTarget:
+                    continue  # exited since the scan
+                note("move", pid=t.pid, cgroup=str(own.path), kind=own.kind, original=orig)
+                moved[t.pid] = orig
+                try:
+                    own.add(t.pid)
+                except ProcessLookupError:
+                    moved.pop(t.pid)
+        raise BadTarget(f"tree of PID {root} keeps forking; cannot isolate it for freezing")
+    except BaseException:
+        put_back(moved, own)
+        raise
 
 
 def put_back(moved: dict[int, str], own: Cgroup) -> None:
-    """Return moved tasks to their original cgroups and remove fscr's cgroup once empty."""
-    for pid, rel in moved.items():
+    """Return the tasks in `own` to the cgroups they were moved from (a child forked in the
+    window follows its parent) and remove `own` once empty. Only tasks still in `own` are
+    moved: a recorded PID that has since been reused elsewhere is left alone."""
+    if not own.exists():
+        return
+    for pid in own.procs():
+        rel = moved.get(pid)
+        if rel is None:
+            parent = read_stat(pid)
+            rel = moved.get(parent.ppid) if parent else None
+        if rel is None:
+            continue
         try:
             freezer.at(rel).add(pid)
-        except (ProcessLookupError, FileNotFoundError, OSError):
-            continue  # the task is gone (killed by --kill) or its cgroup was removed
-    for pid in own.procs():  # children forked during the window follow their parent
-        parent = read_stat(pid)
-        rel = moved.get(parent.ppid) if parent else None
-        if rel is not None:
-            try:
-                freezer.at(rel).add(pid)
-            except OSError:
-                pass
+        except OSError:
+            continue  # gone meanwhile, or its cgroup was removed
     own.remove()
-

@@ -7,6 +7,8 @@ processes can share a PID over time, never both values.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +103,16 @@ def refuse_unsafe_root(pid: int) -> None:
     tree_pids = {t.pid for t in descendants(pid)}
     if own & tree_pids:
         raise BadTarget(f"PID {pid} is fscr itself or one of its ancestors")
+
+
+def settle(task: Task, grace: float) -> None:
+    """Wait up to `grace` seconds for a helper (CRIU) to finish, then SIGKILL it. CRIU's
+    parasite code may be inside the tasks it works on: killing it is the last resort."""
+    deadline = time.monotonic() + grace
+    while task.alive():
+        if time.monotonic() >= deadline:
+            try:
+                os.kill(task.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from ..errors import FscrError, NoSpace, Refused
 from ..manifest import Relink
+from ..names import RELINK_DIR, RELINK_PREFIX, relink_name
 from ..process.files import OpenFile
 
-RELINK_DIR = Path("lost+found/checkpoint")
-PREFIX = "unlink-at-restart-"
 FICLONE = 0x40049409
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
@@ -29,10 +28,6 @@ FS_NOCOW_FL = 0x00800000
 FORCE_COPY_ENV = "FSCR_TEST_FORCE_COPY"
 # Flags that describe how a file is open, as opposed to how it was created.
 REOPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC | os.O_NOATIME
-
-
-def relink_name(ckpt_id: str, n: int) -> str:
-    return f"{PREFIX}{ckpt_id}-{n}"
 
 
 def _open_dir_nofollow(base: int, name: str, create: bool) -> int:
@@ -109,7 +104,7 @@ def _sparse_copy(src: int, dst: int, size: int) -> None:
 
 
 def _clone_or_copy(of: OpenFile, dirfd: int, name: str) -> str:
-    src = os.open(f"/proc/{of.pid}/fd/{of.fd}", os.O_RDONLY)
+    src = os.open(of.source, os.O_RDONLY)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         dst = os.open(name, flags, 0o600, dir_fd=dirfd)
@@ -155,7 +150,7 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
         try:
             # With dst_dir_fd, os.link is linkat(..., AT_SYMLINK_FOLLOW): it links the inode
             # behind the magic link, not the link itself.
-            os.link(f"/proc/{of.pid}/fd/{of.fd}", name, dst_dir_fd=dirfd)
+            os.link(of.source, name, dst_dir_fd=dirfd)
             method = "link"
         except FileNotFoundError:  # nlink == 0: userspace cannot link it back
             method = _clone_or_copy(of, dirfd, name)
@@ -163,7 +158,7 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"no space left on {volume} to preserve unlinked file {of.path}") from e
-        raise FscrError(f"cannot relink {of.path} (pid {of.pid} fd {of.fd}): {e.strerror}") from e
+        raise FscrError(f"cannot relink {of.path} ({of.source}): {e.strerror}") from e
     finally:
         if dirfd >= 0:
             os.close(dirfd)
@@ -174,6 +169,7 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
         original_path=of.path,
         pid=of.pid,
         fd=of.fd,
+        kind=of.kind,
         key=of.external_key,
         flags=of.flags,
         pos=of.pos,
@@ -185,7 +181,7 @@ def relink(of: OpenFile, volume: Path, ckpt_id: str, n: int) -> Relink:
 
 
 def _ours(names: list[str], ckpt_id: str) -> list[str]:
-    prefix = f"{PREFIX}{ckpt_id}-"
+    prefix = f"{RELINK_PREFIX}{ckpt_id}-"
     return sorted(n for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
 
 
@@ -217,6 +213,21 @@ def remove_relinks(volume: Path, ckpt_id: str) -> list[str]:
     finally:
         os.close(dirfd)
     return removed
+
+
+def present(volume: Path, name: str) -> bool:
+    """True if `volume` (a snapshot, say) holds relink `name` as a regular file, reached
+    without following symlinks."""
+    try:
+        dirfd = open_relink_dir(volume, create=False)
+    except (FileNotFoundError, Refused):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dirfd)
 
 
 def reopen(rec: Relink, volume: Path) -> int:

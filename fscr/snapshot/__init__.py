@@ -13,8 +13,6 @@ from typing import Protocol
 
 from ..errors import BadInput
 
-SNAPDIR = ".fscr-snapshots"
-
 
 class Provider(Protocol):
     name: str
@@ -44,17 +42,17 @@ class Provider(Protocol):
         can tell whether a dead restore's swap happened."""
 
 
-def snapshot_root(volume: Path) -> Path:
-    """Snapshots live beside the volume, on the same filesystem: <parent>/.fscr-snapshots."""
-    return volume.parent / SNAPDIR
+KINDS = ("btrfs", "none")
 
 
 def get(name: str) -> Provider:
-    from .btrfs import Btrfs
-    from .none import NoSnapshot
+    """The provider called `name`; imported on demand (btrfs needs libbtrfsutil)."""
+    if name == "btrfs":
+        from .btrfs import Btrfs
 
-    providers: dict[str, Provider] = {"btrfs": Btrfs(), "none": NoSnapshot()}
-    try:
-        return providers[name]
-    except KeyError:
-        raise BadInput(f"unknown snapshot kind {name!r} (known: {', '.join(providers)})") from None
+        return Btrfs()
+    if name == "none":
+        from .none import NoSnapshot
+
+        return NoSnapshot()
+    raise BadInput(f"unknown snapshot kind {name!r} (known: {', '.join(KINDS)})")

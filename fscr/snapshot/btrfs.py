@@ -13,7 +13,7 @@ from pathlib import Path
 import btrfsutil
 
 from ..errors import BadVolume, NoSpace, SnapshotFailed
-from . import snapshot_root
+from ..names import snapshot_path
 
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -25,6 +25,13 @@ def exchange(a: Path, b: Path) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
         e = ctypes.get_errno()
         raise OSError(e, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(e)}")
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
 
 
 def _mkdir_private(path: Path) -> None:
@@ -57,13 +64,13 @@ class Btrfs:
             )
 
     def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
-        root = snapshot_root(volume)
-        dest = root / ckpt_id / str(n)
+        dest = snapshot_path(volume, ckpt_id, n)
         try:
-            _mkdir_private(root)
-            _mkdir_private(root / ckpt_id)
+            _mkdir_private(dest.parent.parent)
+            _mkdir_private(dest.parent)
             btrfsutil.create_snapshot(str(volume), str(dest), read_only=True)
         except (btrfsutil.BtrfsUtilError, OSError) as e:
+            _rmdir_quietly(dest.parent)  # the <id> directory, if this run made it empty
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space for a snapshot of {volume}") from None
             raise SnapshotFailed(f"snapshot of {volume} at {dest} failed: {e.strerror}") from None
@@ -73,10 +80,7 @@ class Btrfs:
         path = Path(snapshot)
         if btrfsutil_exists(path):
             btrfsutil.delete_subvolume(str(path))
-        try:
-            path.parent.rmdir()  # the <id> directory, once its last snapshot is gone
-        except OSError:
-            pass
+        _rmdir_quietly(path.parent)  # the <id> directory, once its last snapshot is gone
 
     def swap_in(self, snapshot: str, volume: Path, rescue: Path,
                 made: Callable[[str], None]) -> None:
@@ -98,10 +102,7 @@ class Btrfs:
     def swap_back(self, volume: Path, rescue: Path) -> None:
         exchange(rescue, volume)
         btrfsutil.delete_subvolume(str(rescue))
-        try:
-            rescue.parent.rmdir()
-        except OSError:
-            pass
+        _rmdir_quietly(rescue.parent)
 
     def seal(self, rescue: Path) -> None:
         btrfsutil.set_subvolume_read_only(str(rescue), True)

@@ -13,6 +13,9 @@ relinked DIR          opens "a", links it to "b", unlinks "a", creates a new "a"
 socketpair DIR        a parent and child ping-pong a counter over a socketpair into DIR/sp
 service DIR           a counter (DIR/history) that also holds an unlinked file with nlink 0
                       and one whose inode is still linked elsewhere (nlink 1)
+mapped DIR SIZE       maps a SIZE-byte file shared, closes and unlinks it, and fills the
+                      mapping with a pattern: only the mapping holds the file (nlink 0);
+                      reports its sha256 to DIR/mapped.json on request
 pair DIR OTHER         writes n to DIR/pair, then to OTHER/pair (two volumes), n = 1, 2, ...:
                       a consistent view has DIR's value equal to OTHER's or one ahead
 tcp DIR PORT          a server and a client on 127.0.0.1:PORT exchanging a counter
@@ -148,6 +151,36 @@ def service(d):
     os.link(os.path.join(d, "keep"), os.path.join(d, "keep2"))
     os.unlink(os.path.join(d, "keep"))
     counter(d)
+
+
+def mapped(d, size):
+    import ctypes
+    import mmap
+
+    # libc's mmap, not Python's: the mmap module keeps a dup of the fd, and this file must be
+    # held by the mapping alone.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    size = int(size)
+    path = os.path.join(d, "mapped-file")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    os.close(fd)
+    os.unlink(path)
+    pattern = hashlib.sha256(b"mapped").digest() * (1 << 15)
+    for off in range(0, size, len(pattern)):
+        chunk = pattern[: size - off]
+        ctypes.memmove(addr + off, chunk, len(chunk))
+    trigger = os.path.join(d, "report-mapped.json")
+    while True:
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            atomic(os.path.join(d, "mapped.json"),
+                   json.dumps({"sha256": hashlib.sha256(ctypes.string_at(addr, size)).hexdigest()}))
+        time.sleep(TICK)
 
 
 def pair(d, other):

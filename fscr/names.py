@@ -1,0 +1,51 @@
+"""The names of everything a run creates, in one place. Each carries the checkpoint id, so
+cleanup can prove a thing is fscr's own, and restore can check that a manifest names only
+these (a manifest is untrusted input)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import BadInput
+
+# Ids and names: no '-', which separates id and counter in unlink-at-restart-<id>-<n>.
+ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}"
+RESCUE_PATTERN = rf"rescue_{ID_PATTERN}_[0-9]{{8}}T[0-9]{{6}}Z_[0-9a-f]{{4}}"
+SNAPDIR = ".fscr-snapshots"
+FSCR_GROUP = "fscr"  # every cgroup fscr creates lives under this name in its hierarchy
+RELINK_DIR = Path("lost+found/checkpoint")
+RELINK_PREFIX = "unlink-at-restart-"
+
+
+def check_id(value: str, what: str = "checkpoint id") -> str:
+    if not re.fullmatch(ID_PATTERN, value):
+        raise BadInput(
+            f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ . (not starting with .)")
+    return value
+
+
+def is_rescue(name: str) -> bool:
+    return re.fullmatch(RESCUE_PATTERN, name) is not None
+
+
+def snapshot_root(volume: Path) -> Path:
+    """Snapshots live beside the volume, on the same filesystem: <parent>/.fscr-snapshots."""
+    return volume.parent / SNAPDIR
+
+
+def snapshot_path(volume: Path, ckpt_id: str, n: int) -> Path:
+    return snapshot_root(volume) / ckpt_id / str(n)
+
+
+def rescue_path(volume: Path, rescue: str, n: int) -> Path:
+    return snapshot_root(volume) / rescue / str(n)
+
+
+def relink_name(ckpt_id: str, n: int) -> str:
+    return f"{RELINK_PREFIX}{ckpt_id}-{n}"
+
+
+def ckpt_cgroup(ckpt_id: str) -> str:
+    """The cgroup (below fscr's group) a tree is moved into when it shares its own."""
+    return f"ckpt_{ckpt_id}"
