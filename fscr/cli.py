@@ -63,6 +63,8 @@ def summary(m: Manifest) -> dict[str, Any]:
         "snapshot": m.snapshot, "mode": m.mode, "root_pid": m.root.pid,
         "volumes": [v.model_dump() for v in m.volumes],
         "relinks": [r.model_dump() for r in m.relinks],
+        "tcp": m.tcp, "netns": m.netns.model_dump(), "network_lock": m.netlock,
+        "sockets": [s.model_dump() for s in m.sockets],
         "image_bytes": m.image_bytes, "durations": m.durations,
     }
 
@@ -100,12 +102,15 @@ def doctor(as_json: bool) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--name", default=None, help="Name the workload (target it with --name).")
 @click.option("--log", default=None, help="Append stdout/stderr to this file.")
+@click.option("--netns", default=None,
+              help="Start it in this network namespace (e.g. /run/netns/NAME), by setns.")
 @json_opt
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(name: str | None, log: str | None, as_json: bool, argv: tuple[str, ...]) -> None:
+def run(name: str | None, log: str | None, netns: str | None, as_json: bool,
+        argv: tuple[str, ...]) -> None:
     """Start CMD detached in a cgroup of its own; print its PID."""
     pipeline.require_root()
-    s = launch.run(list(argv), name=name, log=log)
+    s = launch.run(list(argv), name=name, log=log, netns=netns)
     emit({"pid": s.pid, "cgroup": s.cgroup}, as_json, lambda: click.echo(s.pid))
 
 
@@ -119,19 +124,24 @@ def run(name: str | None, log: str | None, as_json: bool, argv: tuple[str, ...])
 @click.option("--backend", type=click.Choice(["criu", "freeze-only"]), default="criu")
 @click.option("--leave-running/--kill", default=True,
               help="Keep the tree running after the dump (default) or kill it.")
+@click.option("--tcp", type=click.Choice(["refuse", "established", "close"]), default="refuse",
+              show_default=True,
+              help="TCP connections: refuse them, keep them (needs --kill; restored live, "
+                   "the peer never notices), or restore them closed (listeners always work).")
 @click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
 @click.option("--max-freeze", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds the tree may stay frozen; past that the watchdog thaws it and the "
                    "checkpoint is aborted.")
 @store_opt
 @json_opt
-def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, ckpt_id,
+def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, tcp, ckpt_id,
                max_freeze, store, as_json) -> None:  # noqa: ANN001 - click passes the options
     """Checkpoint a process tree and its volumes at one frozen instant."""
     notice_unfinished(store)
     req = pipeline.CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
-        backend=backend, kill=not leave_running, id=ckpt_id, store=store, max_freeze=max_freeze)
+        backend=backend, kill=not leave_running, tcp=tcp, id=ckpt_id, store=store,
+        max_freeze=max_freeze)
     m = pipeline.checkpoint(req, progress_printer(as_json))
     emit(summary(m), as_json, lambda: click.echo(m.id))
 
@@ -197,6 +207,19 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
         for r in data["relinks"]:
             click.echo(f"relinked             {r['original_path']} "
                        f"({r['method']}, {r['size']} bytes)")
+        ns = data["netns"]
+        where = ns["path"] or (f"held by PID {ns['holder']['pid']}" if ns["holder"] else "")
+        click.echo(f"{'network namespace':<20} {ns['treatment']} {where}".rstrip())
+        click.echo(f"{'tcp':<20} {data['tcp']}"
+                   + (f" (network lock {data['network_lock']})" if data["network_lock"] else ""))
+        for s in data["sockets"]:
+            if s["family"] == "unix":
+                peer = f" peer {s['remote']}" if s["remote"] else ""
+                click.echo(f"socket               unix {s['type']} {s['local'] or '(unnamed)'}"
+                           f"{peer} (PID {s['pid']} fd {s['fd']})")
+            else:
+                click.echo(f"socket               {s['family']} {s['state']} {s['local']} -> "
+                           f"{s['remote']} (PID {s['pid']} fd {s['fd']})")
         for k, v in data["durations"].items():
             click.echo(f"{'time ' + k:<20} {v:.3f}s")
 

@@ -10,16 +10,20 @@ a restore that completed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import locks, relink, snapshot
+from .backends import criu
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
+from .manifest import Manifest
 from .names import snapshot_path
 from .pipeline import finish_restore, volume_lock, workload_lock
+from .pipeline.restore import drop_netlock
 from .process import freezer
 from .process.freezer import Cgroup
 from .process.target import put_back
@@ -67,10 +71,34 @@ def _relink_steps(plan: Plan) -> None:
                      f"from {vol}", lambda v=vol: relink.remove_relinks(Path(v), plan.run.id))
 
 
+def _draft(store: Store, run: Run) -> Manifest | None:
+    """The manifest a --tcp established run journaled before CRIU (which kills the tree),
+    with the network lock CRIU's log names."""
+    drafts = run.events("draft")
+    log = store.dir(run.id) / "criu-dump.log"
+    if not drafts or not log.exists():
+        return None
+    m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
+    return m.model_copy(update={"netlock": criu.lock_table(log)})
+
+
+def _commit_draft(store: Store, m: Manifest) -> None:
+    images = store.image_records(m.id)
+    store.commit(m.model_copy(update={"images": images,
+                                      "image_bytes": sum(i.size for i in images)}))
+
+
 def plan_checkpoint(store: Store, run: Run) -> Plan:
     plan = Plan(run)
     _thaw_steps(plan)  # first: a frozen workload is thawed at once
     _relink_steps(plan)
+    draft = None if store.committed(run.id) else _draft(store, run)
+    if draft is not None and criu.dump_finished(store.dir(run.id) / "criu-dump.log"):
+        plan.add("commit the checkpoint: CRIU finished its dump and killed the tree, so the "
+                 "image is all that is left of it", lambda: _commit_draft(store, draft))
+        return plan
+    if draft is not None and draft.netlock is not None:
+        plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(draft))
     if not store.committed(run.id):
         provider = snapshot.get(run.begin.get("snapshot", "btrfs"))
         for e in run.events("snapshot"):

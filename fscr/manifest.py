@@ -84,6 +84,31 @@ class ImageFile(Record):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class SocketRecord(Record):
+    pid: int = Field(gt=0)
+    fd: int = Field(ge=0)
+    inode: int = Field(ge=0)
+    family: Literal["tcp", "tcp6", "udp", "udp6", "unix"]
+    type: str = Field(max_length=16)
+    state: str = Field(max_length=16)
+    local: str = Field(max_length=4096)
+    remote: str = Field(max_length=4096)
+
+
+class NetnsRecord(Record):
+    """How the tree's network namespace is treated (fscr/process/netns.py)."""
+
+    treatment: Literal["host", "external", "own"]
+    inode: int = Field(ge=0)
+    path: AbsPath | None = None
+    holder: TaskRecord | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _clean(cls, v: str | None) -> str | None:
+        return None if v is None else _absolute_clean(v)
+
+
 class Manifest(Record):
     schema_version: Literal[1]
     id: Id
@@ -98,6 +123,11 @@ class Manifest(Record):
     cgroup: CgroupRecord
     volumes: list[VolumeRecord]
     relinks: list[Relink]
+    tcp: Literal["refuse", "established", "close"]
+    sockets: list[SocketRecord]
+    netns: NetnsRecord
+    # CRIU's nftables table that keeps --tcp established connections silent until restore
+    netlock: Annotated[str, Field(pattern=r"^CRIU-[0-9a-f-]{36}$")] | None
     images: list[ImageFile]
     image_bytes: int = Field(ge=0)
     durations: dict[str, float]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
 from .fsutil import sha256_file, write_atomic
-from .manifest import Manifest, digest
+from .manifest import ImageFile, Manifest, digest
 from .names import check_id, is_rescue
 
 DEFAULT = Path("/var/lib/fscr")
@@ -78,6 +78,11 @@ class Store:
         dg = digest(raw)
         write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
         return dg
+
+    def image_records(self, ckpt_id: str) -> list[ImageFile]:
+        """Name, size and sha256 of every image file, for the manifest."""
+        return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha256_file(p))
+                for p in sorted(self.images(ckpt_id).iterdir())]
 
     def committed(self, ckpt_id: str) -> bool:
         return (self.dir(ckpt_id) / "manifest.json.sha256").exists()

@@ -109,13 +109,16 @@ class Workloads:
 
     cgroups: list[str] = field(default_factory=list)
 
-    def start(self, kind: str, *args: str, name: str | None = None) -> tuple[int, str]:
+    def start(self, kind: str, *args: str, name: str | None = None,
+              netns: str | None = None) -> tuple[int, str]:
         """Start workload `kind` of tests/workloads/w.py; returns its PID and name."""
-        return self.run(sys.executable, str(WORKLOAD), kind, *args, name=name)
+        return self.run(sys.executable, str(WORKLOAD), kind, *args, name=name, netns=netns)
 
-    def run(self, *argv: str, name: str | None = None) -> tuple[int, str]:
+    def run(self, *argv: str, name: str | None = None,
+            netns: str | None = None) -> tuple[int, str]:
         name = name or f"t{secrets.token_hex(4)}"
-        out = fscr("run", "--name", name, "--json", "--", *argv)
+        where = ["--netns", netns] if netns else []
+        out = fscr("run", "--name", name, *where, "--json", "--", *argv)
         info = json.loads(out.stdout)
         self.cgroups.append(info["cgroup"])
         return info["pid"], name
@@ -179,3 +182,43 @@ def lines(path: Path) -> list[int]:
         return []
     text = path.read_text()
     return [int(x) for x in text.split("\n")[:-1] if x]
+
+
+@dataclass
+class Net:
+    """Two network namespaces of the test's own, joined by a veth pair: a (server side,
+    10.213.0.1) and b (client side, 10.213.0.2). Only these addresses, inside these
+    namespaces, are ever used."""
+
+    a: str
+    b: str
+    a_ip: str = "10.213.0.1"
+    b_ip: str = "10.213.0.2"
+
+    def path(self, ns: str) -> str:
+        return f"/run/netns/{ns}"
+
+    def exec(self, ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
+                              text=True, check=True)
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    tag = secrets.token_hex(3)
+    n = Net(f"fscr_a_{tag}", f"fscr_b_{tag}")
+    made = []
+    try:
+        for ns in (n.a, n.b):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+        sh("ip", "link", "add", f"va{tag}", "netns", n.a, "type", "veth",
+           "peer", "name", f"vb{tag}", "netns", n.b)
+        for ns, dev, ip in ((n.a, f"va{tag}", n.a_ip), (n.b, f"vb{tag}", n.b_ip)):
+            n.exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
+            n.exec(ns, "ip", "link", "set", dev, "up")
+            n.exec(ns, "ip", "link", "set", "lo", "up")
+        yield n
+    finally:
+        for ns in made:  # the veth pair goes with its namespaces
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

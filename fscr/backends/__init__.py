@@ -21,7 +21,9 @@ class DumpRequest:
     log: Path
     freeze_cgroup: Path  # sysfs path of the frozen cgroup; CRIU must be told (else it hangs)
     externals: list[str]  # CRIU external-file keys: file[mnt:ino]
-    leave_running: bool
+    leave_running: bool  # False: the backend kills the tree after the dump
+    tcp: str = "refuse"  # "established": dump connections (repair mode); "close": as closed
+    netns: str | None = None  # run the dumper in this network namespace (setns), if given
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class RestoreRequest:
     log: Path
     pidfile: Path  # written by CRIU once the tree runs; left for the caller to remove
     inherit: list[tuple[int, str]]  # (fd open in fscr, CRIU key) for every external file
+    tcp: str = "refuse"
+    netns: str | None = None
 
 
 class Backend(Protocol):
@@ -39,9 +43,10 @@ class Backend(Protocol):
     def check(self) -> None:
         """Raise MissingDependency unless this backend can run here."""
 
-    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> str | None:
         """Dump the frozen tree; on failure raise and leave the tree frozen, as found.
-        `started` gets the PID of a helper process (CRIU) as soon as it runs."""
+        `started` gets the PID of a helper process (CRIU) as soon as it runs. Returns the
+        name of a network lock left in place for the restore (--tcp established), if any."""
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         """Restore the tree detached; returns the root PID."""

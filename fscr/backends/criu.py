@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CriuFailed, MissingDependency, NoSpace
+from ..process.netns import entering
 from . import DumpRequest, RestoreRequest
 
 MIN_VERSION = (4, 2, 1)
@@ -64,9 +65,13 @@ def require() -> str:
 
 
 def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
-         pass_fds: tuple[int, ...] = ()) -> None:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+         netns: str | None, pass_fds: tuple[int, ...] = ()) -> None:
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
+                                preexec_fn=entering(netns))
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CriuFailed(f"cannot start CRIU {what}: {e}") from None
     try:
         started(proc.pid)
     finally:
@@ -76,6 +81,27 @@ def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
             raise NoSpace(f"CRIU {what} failed: no space left on device (log: {log})")
         last = _last_error(log) or stderr.strip().splitlines()[-1:] or ["no message"]
         raise CriuFailed(f"CRIU {what} failed: {''.join(last)} (log: {log})")
+
+
+def _tcp_options(tcp: str) -> list[str]:
+    # nftables, not CRIU's default iptables: its lock is a table of its own, named after the
+    # dump's run id (CRIU-<uuid>), so each checkpoint's lock can be found and removed alone.
+    if tcp == "established":
+        return ["--tcp-established", "--network-lock", "nftables"]
+    if tcp == "close":
+        return ["--tcp-close"]
+    return []
+
+
+def lock_table(log: Path) -> str | None:
+    """The nftables table of a dump's network lock, from the run id CRIU logs."""
+    m = re.search(r"CRIU run id = ([0-9a-f-]{36})", log.read_text(errors="replace"))
+    return f"CRIU-{m.group(1)}" if m else None
+
+
+def dump_finished(log: Path) -> bool:
+    """CRIU logs this last, once every image is written."""
+    return _mentions(log, "Dumping finished successfully")
 
 
 def _mentions(log: Path, text: str) -> bool:
@@ -101,14 +127,16 @@ class Criu:
     def check(self) -> None:
         require()
 
-    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> str | None:
         argv = [require(), "dump", "-t", str(req.root_pid), "-D", str(req.images),
                 "-o", str(req.log), "-v4", "--freeze-cgroup", str(req.freeze_cgroup)]
         if req.leave_running:
             argv.append("--leave-running")
+        argv += _tcp_options(req.tcp)
         for key in req.externals:
             argv += ["--external", key]
-        _run(argv, req.log, "dump", started)
+        _run(argv, req.log, "dump", started, req.netns)
+        return lock_table(req.log) if req.tcp == "established" else None
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         pidfile = req.pidfile
@@ -117,9 +145,10 @@ class Criu:
         # (its files are checksummed in the manifest).
         argv = [require(), "restore", "-D", str(req.images), "-W", str(req.images.parent),
                 "-o", str(req.log), "-v4", "--restore-detached", "--pidfile", str(pidfile)]
+        argv += _tcp_options(req.tcp)
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
-        _run(argv, req.log, "restore", started, tuple(fd for fd, _ in req.inherit))
+        _run(argv, req.log, "restore", started, req.netns, tuple(fd for fd, _ in req.inherit))
         try:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError):

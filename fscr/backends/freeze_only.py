@@ -16,8 +16,8 @@ class FreezeOnly:
     def check(self) -> None:
         pass
 
-    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> None:
-        pass
+    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> str | None:
+        return None
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         raise Refused("a freeze-only checkpoint holds no process image: it restores volumes only")

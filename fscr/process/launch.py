@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import BadInput, Busy
 from ..names import FSCR_GROUP
 from . import freezer
+from .netns import entering
 from .target import name_cgroup
 
 
@@ -25,9 +26,14 @@ class Started:
     cgroup: str  # as /proc/PID/cgroup shows it
 
 
-def run(argv: list[str], name: str | None = None, log: str | None = None) -> Started:
+def run(argv: list[str], name: str | None = None, log: str | None = None,
+        netns: str | None = None) -> Started:
+    """Start `argv` detached in a fresh cgroup (and network namespace `netns`, joined by
+    setns: only the network namespace changes, so CRIU can dump the tree from the host)."""
     if not argv:
         raise BadInput("fscr run needs a command after --")
+    if netns is not None and not os.path.exists(netns):
+        raise BadInput(f"no network namespace {netns}")
     rel = name_cgroup(name) if name else f"{FSCR_GROUP}/run_{secrets.token_hex(4)}"
     cg = freezer.at(rel)
     if cg.exists() and cg.procs():
@@ -42,13 +48,17 @@ def run(argv: list[str], name: str | None = None, log: str | None = None) -> Sta
     cg = freezer.ensure(rel)
     procs = cg.path / "cgroup.procs"
 
-    def join_cgroup() -> None:  # runs in the child, before exec
+    enter = entering(netns)
+
+    def prepare() -> None:  # runs in the child, before exec
+        if enter is not None:
+            enter()
         Path(procs).write_text("0")
 
     try:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                  close_fds=True, start_new_session=True,
-                                 preexec_fn=join_cgroup)
+                                 preexec_fn=prepare)
     except OSError as e:
         cg.remove()
         raise BadInput(f"cannot start {argv[0]}: {e.strerror}") from None

@@ -18,7 +18,21 @@ mapped DIR SIZE       maps a SIZE-byte file shared, closes and unlinks it, and f
                       reports its sha256 to DIR/mapped.json on request
 pair DIR OTHER         writes n to DIR/pair, then to OTHER/pair (two volumes), n = 1, 2, ...:
                       a consistent view has DIR's value equal to OTHER's or one ahead
+traced DIR            a counter (DIR/history) whose child is ptraced by it: CRIU cannot
+                      seize an already-traced task, so a dump fails for real
 tcp DIR PORT          a server and a client on 127.0.0.1:PORT exchanging a counter
+tcpserver OUT PORT    (not checkpointed) accepts connections on PORT and appends the bytes
+                      of connection k to OUT/conn-k
+tcpclient DIR HOST PORT LPORT
+                      sends 1, 2, 3, ... one line per tick to HOST:PORT; when the connection
+                      turns out closed (recv returns 0 or an error) it notes why in DIR/closed
+                      and connects again; it also listens on LPORT and notes each accepted
+                      connection in DIR/accepted
+tcptree DIR PORT      a server listening on 127.0.0.1:PORT and two clients of it in one tree,
+                      each client's counter echoed back, counted in DIR/conn-<i>; a new
+                      connection gets "hello" back
+unixq DIR             stream, dgram and seqpacket socketpairs with data queued, unread; on
+                      DIR/report-unixq.json appearing, reads it all and reports it
 """
 
 import hashlib
@@ -194,6 +208,17 @@ def pair(d, other):
         time.sleep(TICK / 4)
 
 
+def traced(d):
+    import ctypes
+
+    child = os.fork()
+    if child == 0:
+        ctypes.CDLL(None).ptrace(0, 0, None, None)  # PTRACE_TRACEME: the parent traces us
+        while True:
+            time.sleep(1)
+    counter(d)
+
+
 def tcp(d, port):
     port = int(port)
     srv = socket.create_server(("127.0.0.1", port))
@@ -211,6 +236,118 @@ def tcp(d, port):
         n = int(conn.recv(32))
         os.write(fd, f"{n}\n".encode())
         conn.send(str(n).encode())
+
+
+def tcpserver(out, port):
+    import threading
+
+    srv = socket.create_server(("0.0.0.0", int(port)), reuse_port=True)
+    k = 0
+
+    def take(conn, k):
+        with open(os.path.join(out, f"conn-{k}"), "ab", buffering=0) as f:
+            while data := conn.recv(65536):
+                f.write(data)
+
+    while True:
+        conn, _ = srv.accept()
+        k += 1
+        threading.Thread(target=take, args=(conn, k), daemon=True).start()
+
+
+def tcpclient(d, host, port, lport):
+    listener = socket.create_server(("0.0.0.0", int(lport)))
+    listener.setblocking(False)
+    n = 0
+    conn = socket.create_connection((host, int(port)))
+    while True:
+        try:
+            conn.setblocking(False)
+            try:
+                if conn.recv(64) == b"":
+                    raise ConnectionError("recv returned 0")
+            except BlockingIOError:
+                pass
+            conn.setblocking(True)
+            n += 1
+            conn.sendall(f"{n}\n".encode())
+        except OSError as e:
+            with open(os.path.join(d, "closed"), "a") as f:
+                f.write(f"{type(e).__name__}: {e}\n")
+            conn.close()
+            conn = socket.create_connection((host, int(port)))
+        try:
+            peer, _ = listener.accept()
+            peer.sendall(b"accepted\n")
+            peer.close()
+            with open(os.path.join(d, "accepted"), "a") as f:
+                f.write("1\n")
+        except BlockingIOError:
+            pass
+        time.sleep(TICK)
+
+
+def tcptree(d, port):
+    import selectors
+
+    srv = socket.create_server(("127.0.0.1", int(port)))
+    for i in (1, 2):
+        if os.fork() == 0:
+            srv.close()
+            c = socket.create_connection(("127.0.0.1", int(port)))
+            c.sendall(f"client{i}\n".encode())
+            n = 0
+            fd = os.open(os.path.join(d, f"conn-{i}"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            while True:
+                n += 1
+                c.sendall(f"{n}\n".encode())
+                got = int(c.recv(32))
+                os.write(fd, f"{got}\n".encode())
+                time.sleep(TICK)
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is srv:
+                conn, _ = srv.accept()
+                hello = conn.recv(32)
+                if not hello.startswith(b"client"):
+                    conn.sendall(b"hello\n")
+                    conn.close()
+                    continue
+                sel.register(conn, selectors.EVENT_READ)
+            else:
+                data = key.fileobj.recv(32)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                key.fileobj.sendall(data.strip())
+
+
+def unixq(d):
+    pairs = {}
+    for kind, stype in (("stream", socket.SOCK_STREAM), ("dgram", socket.SOCK_DGRAM),
+                        ("seqpacket", socket.SOCK_SEQPACKET)):
+        a, b = socket.socketpair(socket.AF_UNIX, stype)
+        a.send(f"{kind}-one".encode())
+        a.send(f"{kind}-two".encode())
+        pairs[kind] = (a, b)
+    trigger = os.path.join(d, "report-unixq.json")
+    while True:
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            got = {}
+            for kind, (_a, b) in pairs.items():
+                b.setblocking(False)
+                msgs = []
+                try:
+                    while True:
+                        msgs.append(b.recv(100).decode())
+                except BlockingIOError:
+                    pass
+                got[kind] = msgs
+            atomic(os.path.join(d, "unixq.json"), json.dumps(got))
+        time.sleep(TICK)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""Checkpoint: a task tree and its volumes at one frozen instant."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .. import backends, locks, relink, snapshot
+from ..backends import DumpRequest
+from ..errors import FreezeTimeout, Refused
+from ..fsutil import syncfs
+from ..journal import Journal
+from ..manifest import (
+    SCHEMA_VERSION,
+    CgroupRecord,
+    Manifest,
+    NetnsRecord,
+    Relink,
+    SocketRecord,
+    TaskRecord,
+    VolumeRecord,
+)
+from ..names import check_id, relink_name
+from ..process import netns, sockets
+from ..process.files import OpenFile, open_files
+from ..process.freezer import Cgroup
+from ..process.target import Target, isolate, put_back, resolve
+from ..process.tree import Task, descendants, task_of
+from ..store import Store
+from ..watchdog import Watchdog
+from .common import (
+    Progress,
+    Timings,
+    new_id,
+    noting_pid,
+    quiet,
+    require_root,
+    volume_lock,
+    workload_lock,
+)
+
+TCP_MODES = ("refuse", "established", "close")
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    target: Target
+    volumes: list[str]
+    snapshot: str = "btrfs"
+    backend: str = "criu"
+    kill: bool = False
+    tcp: str = "refuse"
+    id: str | None = None
+    store: str | None = None
+    max_freeze: float = 30.0
+
+
+def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
+    """Checkpoint the target tree and its volumes at one frozen instant.
+
+    On failure the tree is thawed and back in its cgroup, relinks are gone from the volumes,
+    and this run's snapshots and checkpoint directory are removed. If fscr itself dies, the
+    watchdog thaws the tree and `fscr gc` removes the rest.
+    """
+    require_root()
+    store = Store.open(req.store)
+    ckpt_id = check_id(req.id) if req.id else new_id()
+    provider = snapshot.get(req.snapshot)
+    backend = backends.get(req.backend)
+    if req.kill and not backend.writes_image:
+        raise Refused("--kill with --backend freeze-only would lose the processes: refused")
+    if req.tcp == "established" and not req.kill:
+        raise Refused("--tcp established needs --kill: a connection left running diverges "
+                      "from its image (CRIU kills the tree with the connections silenced)")
+    # realpath: a manifest holds clean absolute paths, and the snapshots go beside the real
+    # directory, not beside a symlink to it.
+    volumes = list(dict.fromkeys(Path(os.path.realpath(v)) for v in req.volumes))
+    for vol in volumes:
+        provider.check(vol)
+    backend.check()
+    root, named = resolve(req.target)
+    tree = descendants(root)
+    run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
+                      Timings(progress=progress),
+                      placement=netns.classify(root, {t.pid for t in tree}))
+    run.check_sockets(tree)  # before freezing: refuse without ever freezing
+    with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
+        return run.execute(named)
+
+
+@dataclass
+class _Checkpoint:
+    req: CheckpointRequest
+    store: Store
+    id: str
+    provider: snapshot.Provider
+    backend: backends.Backend
+    volumes: list[Path]
+    root: int
+    t: Timings
+    placement: netns.Placement
+    snaps: list[str] = field(default_factory=list)
+    committed: bool = False
+
+    def execute(self, named: Cgroup | None) -> Manifest:
+        self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
+                                     volumes=[str(v) for v in self.volumes],
+                                     snapshot=self.provider.name)
+        try:
+            self.store.reserve(self.id)
+        except BaseException:
+            self.journal.close()
+            raise
+        try:
+            for vol in self.volumes:
+                syncfs(vol)  # so the snapshot does not flush dirty data in the frozen window
+            with self.t.stage("isolate"):
+                root = task_of(self.root)
+                self.journal.note("isolate", root=root.pid, starttime=root.starttime)
+                cg, moved = isolate(self.root, named, self.id, self.journal.note)
+            try:
+                m = self.frozen_window(cg, moved)
+            finally:
+                if moved:
+                    put_back(moved, cg)
+        except BaseException:
+            if not self.committed:  # after a --kill commit the checkpoint is all that's left
+                for s in self.snaps:
+                    self.provider.delete(s)
+                self.store.remove(self.id)
+            self.journal.close()
+            raise
+        self.journal.close()
+        return m
+
+    def frozen_window(self, cg: Cgroup, moved: dict[int, str]) -> Manifest:
+        dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
+        self.journal.note("freeze", cgroup=str(cg.path), kind=cg.kind)
+        t0 = time.monotonic()
+        m = None
+        try:
+            cg.freeze()
+            self.capture(cg, moved, dog)
+            if self.req.tcp == "established":
+                # CRIU killed the tree itself, its connections silenced: the image is all
+                # that is left, so it is committed whatever the watchdog says.
+                m = self.commit(time.monotonic() - t0)
+            elif self.req.kill:
+                # Commit while the tree is still frozen, then kill it: a run that dies before
+                # the commit leaves the tree running (the watchdog or gc thaws it).
+                m = self.commit(time.monotonic() - t0)
+                self.journal.note("kill", pids=[x.pid for x in self.tasks])
+                for x in self.tasks:
+                    os.kill(x.pid, signal.SIGKILL)  # delivered once thawed
+        finally:
+            try:
+                cg.thaw()  # an undo: made first, noted after (a full store must not stop it)
+                window = time.monotonic() - t0
+            finally:
+                why = dog.stop()
+            with contextlib.suppress(OSError):
+                self.journal.note("thawed", cgroup=str(cg.path))
+        if m is not None:
+            return m
+        if why is not None:
+            raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
+        return self.commit(window)
+
+    def capture(self, cg: Cgroup, moved: dict[int, str], dog: Watchdog) -> None:
+        """Everything done while frozen: scan, relink, snapshot, dump, unrelink."""
+        with self.t.stage("scan"):
+            self.tasks = descendants(self.root)  # again: it may have changed before the freeze
+            self.check_sockets(self.tasks)
+            unlinked = self.unlinked_files(self.tasks)
+            self.cg, self.moved = cg, moved
+        try:
+            self.relinks = self.relink(unlinked)
+            self.check(dog)
+            with self.t.stage("snapshot"):
+                for n, vol in enumerate(self.volumes):
+                    self.journal.note("snapshot", volume=str(vol), n=n)
+                    self.snaps.append(self.provider.create(vol, self.id, n))
+            self.check(dog)
+            self.dump(cg, list(unlinked))
+        finally:
+            with self.t.stage("unrelink"):
+                for vol in self.volumes:
+                    relink.remove_relinks(vol, self.id)
+        if self.req.tcp != "established":
+            self.check(dog)
+
+    def check_sockets(self, tasks: list[Task]) -> None:
+        """Record the tree's sockets; with --tcp refuse (the default), refuse connections."""
+        self.sockets = sockets.scan(tasks)
+        connected = [s for s in self.sockets if s.connected_tcp]
+        if connected and self.req.tcp == "refuse" and self.backend.writes_image:
+            listed = "; ".join(s.describe() for s in connected)
+            raise Refused(f"the tree has {len(connected)} TCP connection(s): {listed}. Choose "
+                          "--tcp established (keep them, with --kill) or --tcp close")
+
+    def check(self, dog: Watchdog) -> None:
+        why = dog.fired()
+        if why is not None:
+            raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
+
+    def unlinked_files(self, tasks: list[Task]) -> dict[str, OpenFile]:
+        """Unlinked-but-open files on the volumes, one per inode (CRIU's external key)."""
+        devs = {os.stat(v).st_dev for v in self.volumes}
+        unlinked: dict[str, OpenFile] = {}
+        for task in tasks:
+            for f in open_files(task.pid):
+                if f.deleted and f.dev in devs:
+                    unlinked.setdefault(f.external_key, f)
+        if unlinked and self.provider.name == "none":
+            raise Refused(
+                f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "
+                "and --snapshot none has nothing to keep their data: use --snapshot btrfs")
+        return unlinked
+
+    def relink(self, unlinked: dict[str, OpenFile]) -> list[Relink]:
+        devs = {os.stat(v).st_dev: v for v in self.volumes}
+        out = []
+        with self.t.stage("relink"):
+            for n, f in enumerate(unlinked.values()):
+                vol = devs[f.dev]
+                self.journal.note("relink", volume=str(vol), name=relink_name(self.id, n))
+                out.append(relink.relink(f, vol, self.id, n))
+        return out
+
+    def dump(self, cg: Cgroup, externals: list[str]) -> None:
+        inside = self.placement.treatment == "external"
+        with self.t.stage("dump"):
+            if self.req.tcp == "established":
+                # CRIU will kill the tree: if fscr dies after that, gc commits this draft.
+                self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
+            self.journal.note("dump", images=str(self.store.images(self.id)))
+            self.netlock = self.backend.dump(DumpRequest(
+                root_pid=self.root, images=self.store.images(self.id),
+                log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
+                externals=externals, leave_running=self.req.tcp != "established",
+                tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None),
+                noting_pid(self.journal))
+            self.journal.note("dumped")
+
+    def commit(self, window: float) -> Manifest:
+        self.t.seconds["freeze_window"] = round(window, 6)
+        m = self.manifest(window)
+        self.journal.note("commit")
+        self.store.commit(m)
+        self.committed = True
+        return m
+
+    def manifest(self, window: float) -> Manifest:
+        tasks, cg = self.tasks, self.cg
+        lineage = self.store.lineage_of((self.root, tasks[0].starttime))
+        images = self.store.image_records(self.id)
+        p = self.placement
+        return Manifest(
+            schema_version=SCHEMA_VERSION,
+            id=self.id,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            hostname=socket.gethostname(),
+            backend=self.backend.name,
+            snapshot=self.provider.name,
+            mode="kill" if self.req.kill else "leave-running",
+            root=TaskRecord(pid=self.root, starttime=tasks[0].starttime),
+            lineage=TaskRecord(pid=lineage[0], starttime=lineage[1]),
+            tasks=[TaskRecord(pid=x.pid, starttime=x.starttime) for x in tasks],
+            cgroup=CgroupRecord(kind=cg.kind, path=cg.rel,
+                                original=self.moved.get(self.root, cg.rel)),
+            volumes=[VolumeRecord(n=n, path=str(v), snapshot=s)
+                     for n, (v, s) in enumerate(zip(self.volumes, self.snaps, strict=True))],
+            relinks=self.relinks,
+            tcp=self.req.tcp,
+            sockets=[SocketRecord(**s.as_dict()) for s in self.sockets],
+            netns=NetnsRecord(
+                treatment=p.treatment, inode=p.inode, path=p.path,
+                holder=TaskRecord(pid=p.holder.pid, starttime=p.holder.starttime)
+                if p.holder else None),
+            netlock=getattr(self, "netlock", None),
+            images=images,
+            image_bytes=sum(i.size for i in images),
+            durations=dict(self.t.seconds, freeze_window=round(window, 6)),
+        )
+

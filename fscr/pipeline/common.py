@@ -1,0 +1,64 @@
+"""What checkpoint and restore share: stage timing and progress, root, lock keys, ids."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import NotRoot
+from ..journal import Journal
+from ..process.tree import Task, read_stat
+
+Progress = Callable[[str], None]
+
+
+def quiet(stage: str) -> None:
+    pass
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRoot("fscr must run as root (it freezes cgroups and runs CRIU)")
+
+
+def new_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(2)
+
+
+def volume_lock(path: Path) -> str:
+    return f"volume {os.path.realpath(path)}"
+
+
+def workload_lock(root: Task) -> str:
+    return f"workload PID {root.pid} (start {root.starttime})"
+
+
+@dataclass
+class Timings:
+    """Durations of the named stages, in seconds."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    progress: Progress = quiet
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.progress(name)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - t0, 6)
+
+
+def noting_pid(journal: Journal) -> Callable[[int], None]:
+    """A callback that journals a started CRIU's identity, so gc and the watchdog find it."""
+    def started(pid: int) -> None:
+        st = read_stat(pid)
+        journal.note("criu", pid=pid, starttime=st.starttime if st else 0)
+    return started

@@ -1,0 +1,285 @@
+"""Restore: the volumes put back as they were at the checkpoint, then the tree; and delete."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .. import backends, locks, relink, snapshot
+from .. import journal as journal_mod
+from ..backends import RestoreRequest
+from ..errors import (
+    BadManifest,
+    FscrError,
+    NoSuchCheckpoint,
+    Refused,
+    RestoreRolledBack,
+    TreeStillRunning,
+)
+from ..journal import Journal
+from ..manifest import Manifest
+from ..names import check_id, is_rescue, rescue_path
+from ..process import freezer, netns
+from ..process.files import holders
+from ..process.target import put_back
+from ..process.tree import Task, descendants, read_stat
+from ..store import Store
+from .common import Progress, Timings, noting_pid, quiet, require_root, volume_lock
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    id: str
+    pid: int | None
+    rescues: list[str]
+    durations: dict[str, float]
+
+
+def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
+            force: bool = False, volumes_only: bool = False,
+            progress: Progress = quiet) -> RestoreResult:
+    """Put the volumes back as they were at the checkpoint and restore the tree.
+
+    Every check runs before anything is killed or swapped. If anything fails after the swap,
+    the volumes are swapped back (their restored copies removed); if that fails too, or fscr
+    dies, the journal lets `fscr gc` finish the job.
+    """
+    require_root()
+    store = Store.open(store_dir)
+    m = store.load(check_id(ckpt_id))
+    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes], progress):
+        dead = journal_mod.unfinished(store.root, m.id)
+        if dead:
+            raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
+                          "run `fscr gc` first")
+        run = _Restore(store, m, Timings(progress=progress), snapshot.get(m.snapshot),
+                       backends.get(m.backend))
+        return run.execute(replace, force, volumes_only)
+
+
+@dataclass
+class _Restore:
+    store: Store
+    m: Manifest
+    t: Timings
+    provider: snapshot.Provider
+    backend: backends.Backend
+
+    def execute(self, replace: bool, force: bool, volumes_only: bool) -> RestoreResult:
+        processes = self.backend.writes_image and not volumes_only
+        with self.t.stage("validate"):
+            live = self.validate(processes, replace, force)
+            rescue = f"rescue_{self.m.id}_{datetime.now(UTC):%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}"
+        self.journal = Journal.begin(self.store.root, self.m.id, "restore",
+                                     volumes=[v.path for v in self.m.volumes])
+        swapped: list[tuple[Path, Path]] = []
+        pid = None
+        try:
+            if processes:
+                with self.t.stage("make room"):
+                    self.make_room(live)
+                freezer.ensure(self.m.cgroup.path)  # restored tasks land there: thawed
+            with self.t.stage("swap"):
+                self.swap_in(rescue, swapped)
+            if processes:
+                with self.t.stage("restore"):
+                    pid = self.restore_processes()
+        except BaseException as e:
+            for vol, r in reversed(swapped):  # if this fails, the journal stays for gc
+                self.provider.swap_back(vol, r)
+            self.journal.close()
+            if isinstance(e, FscrError) and swapped:
+                killed = " (the old tree was killed by --replace)" if live else ""
+                raise RestoreRolledBack(
+                    f"{e}; the volumes were put back as they were{killed}") from None
+            raise
+        # The tree runs: from here on nothing is undone. A failure leaves the journal, and
+        # gc completes these steps.
+        with self.t.stage("finish"):
+            self.finish(pid, [r for _, r in swapped])
+        self.journal.close()
+        return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped], self.t.seconds)
+
+    def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
+        """Every check, before anything is killed or swapped. Returns the live tree."""
+        m = self.m
+        self.store.verify_images(m)
+        if processes:
+            self.backend.check()
+        for v in m.volumes:
+            self.provider.check(Path(v.path))
+            if v.snapshot is not None and not Path(v.snapshot).is_dir():
+                raise BadManifest(f"checkpoint {m.id}: snapshot {v.snapshot} is missing")
+        by_volume = {v.path: v for v in m.volumes}
+        for r in m.relinks:
+            snap = by_volume[r.volume].snapshot
+            if snap is not None and not relink.present(Path(snap), r.name):
+                raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
+                                  f"from snapshot {snap}")
+        self.netns = netns.resolve(placement(m)) if processes else None
+        live = self.live_tree()
+        if processes and live and not replace:
+            pids = ", ".join(str(x.pid) for x in live)
+            raise TreeStillRunning(f"checkpoint {m.id}: its tree still runs (PID {pids}); "
+                                   "use --replace to kill it first")
+        if processes:
+            mine = {x.pid for x in live}
+            taken = [x.pid for x in m.tasks if x.pid not in mine
+                     and (st := read_stat(x.pid)) is not None and st.state not in "ZX"]
+            if taken:
+                raise TreeStillRunning(f"PIDs {taken} of checkpoint {m.id} belong to other "
+                                       "processes; CRIU restores the original PIDs")
+        devs = {os.stat(v.path).st_dev for v in m.volumes}
+        spared = {x.pid for x in live} if (replace and processes) else set()
+        others = holders(devs, exclude=spared)
+        if others and not force and self.provider.name != "none":
+            raise Refused(f"processes outside the checkpoint hold files on its volumes "
+                          f"(PID {', '.join(map(str, sorted(others)))}); stop them or use --force")
+        return live
+
+    def live_tree(self) -> list[Task]:
+        """The checkpoint's tree if it runs: its tasks or those a restore brought back (the
+        lineage), each checked to be in the checkpoint's cgroup before --replace may kill it."""
+        m = self.m
+        known = [Task(x.pid, x.starttime) for x in m.tasks]
+        known += [Task(p, s) for p, s in self.store.incarnations(
+            (m.lineage.pid, m.lineage.starttime))]
+        live = list(dict.fromkeys(t for t in known if t.alive()))
+        allowed = {m.cgroup.path, m.cgroup.original}
+        for t in live:
+            try:
+                where = freezer.cgroup_of(t.pid).rel
+            except FscrError:
+                continue
+            if where not in allowed:
+                raise Refused(f"PID {t.pid} matches checkpoint {m.id} but lives in cgroup "
+                              f"{where}, not {m.cgroup.original}; refusing to touch it")
+        return live
+
+    def make_room(self, live: list[Task]) -> None:
+        """Kill the still-running tree (--replace) and wait until every PID of the image is
+        free: CRIU restores the original PIDs."""
+        self.journal.note("kill", pids=[x.pid for x in live])
+        for x in live:
+            if x.alive():
+                try:
+                    os.kill(x.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 30
+        while busy := [x.pid for x in self.m.tasks if read_stat(x.pid) is not None]:
+            if time.monotonic() > deadline:
+                raise TreeStillRunning(f"PIDs {busy} of checkpoint {self.m.id} are still in "
+                                       "use; CRIU needs them free to restore")
+            time.sleep(0.05)
+
+    def swap_in(self, rescue: str, swapped: list[tuple[Path, Path]]) -> None:
+        for v in self.m.volumes:
+            if v.snapshot is None:
+                continue
+            vol, dest = Path(v.path), rescue_path(Path(v.path), rescue, v.n)
+            self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=str(dest))
+            self.provider.swap_in(
+                v.snapshot, vol, dest,
+                lambda copy, v=v: self.journal.note("copy", volume=v.path, copy=copy))
+            swapped.append((vol, dest))
+
+    def restore_processes(self) -> int:
+        fds: list[tuple[int, str]] = []
+        pidfile = self.store.dir(self.m.id) / "restore.pid"
+        try:
+            for r in self.m.relinks:
+                fds.append((relink.reopen(r, Path(r.volume)), r.key))
+            pid = self.backend.restore(RestoreRequest(
+                images=self.store.images(self.m.id),
+                log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
+                inherit=fds, tcp=self.m.tcp, netns=self.netns), noting_pid(self.journal))
+        finally:
+            for fd, _ in fds:
+                os.close(fd)
+        self.journal.note("restored", pid=pid)
+        pidfile.unlink(missing_ok=True)
+        return pid
+
+    def finish(self, pid: int | None, rescues: list[Path]) -> None:
+        finish_restore(self.store, self.m, self.provider, pid, rescues)
+
+
+def placement(m: Manifest) -> netns.Placement:
+    h = m.netns.holder
+    return netns.Placement(m.netns.treatment, m.netns.inode, m.netns.path,
+                           Task(h.pid, h.starttime) if h else None)
+
+
+def drop_netlock(m: Manifest) -> list[str]:
+    """Remove the network lock a --tcp established checkpoint left (it keeps the peers of its
+    connections waiting); gone with the namespace, or after a restore, it is already away."""
+    if m.netlock is None:
+        return []
+    try:
+        path = netns.resolve(placement(m))
+    except FscrError:
+        return []  # the namespace, and its lock with it, is gone
+    return [f"network lock {m.netlock}"] if netns.drop_lock(path, m.netlock) else []
+
+
+def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
+                   rescues: list[Path]) -> None:
+    """The restored tree runs: remember it (lineage), unlink the relinks (the tasks see those
+    files unlinked again), seal and record the rescue snapshots, and move the tree back to
+    its own cgroup if fscr moved it for the checkpoint. Idempotent: gc reruns it."""
+    if pid is not None:
+        try:
+            tasks = descendants(pid)
+        except FscrError:
+            tasks = []  # the restored tree exited already
+        store.record_incarnation((m.lineage.pid, m.lineage.starttime),
+                                 [(t.pid, t.starttime) for t in tasks],
+                                 lambda t: Task(*t).alive())
+    for v in m.volumes:
+        relink.remove_relinks(Path(v.path), m.id)
+    rescues = [r for r in rescues if r.exists()]
+    for r in rescues:
+        provider.seal(r)
+    if rescues:
+        store.add_rescue(rescues[0].parent.name, [str(r) for r in rescues])
+    if pid is not None and m.cgroup.original != m.cgroup.path:
+        own = freezer.at(m.cgroup.path)
+        put_back({p: m.cgroup.original for p in (own.procs() if own.exists() else [])}, own)
+
+
+# -------------------------------------------------------------------------------- delete
+
+def delete(name: str, store_dir: str | None = None) -> list[str]:
+    """Delete checkpoint `name` (its snapshots, then its directory) or rescue snapshot `name`.
+    Returns what was removed."""
+    require_root()
+    store = Store.open(store_dir)
+    if is_rescue(name):
+        for r in store.rescues():
+            if r.get("name") == name:
+                provider = snapshot.get("btrfs")
+                for p in r["paths"]:
+                    if Path(p).parent.name != name:
+                        raise BadManifest(f"rescue record {name} names {p}, not its own")
+                    provider.delete(p)
+                store.remove_rescue(name)
+                return list(r["paths"])
+        raise NoSuchCheckpoint(f"no rescue snapshot {name} in {store.root}")
+    if not store.committed(check_id(name)):
+        raise NoSuchCheckpoint(f"no checkpoint {name} in {store.root}")
+    m = store.load(name)
+    provider = snapshot.get(m.snapshot)
+    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
+        removed = drop_netlock(m)
+        for v in m.volumes:
+            if v.snapshot is not None:
+                provider.delete(v.snapshot)
+                removed.append(v.snapshot)
+        store.remove(name)
+    return removed + [str(store.dir(name))]
