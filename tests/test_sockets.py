@@ -174,3 +174,19 @@ def test_show_lists_sockets_and_the_namespace_treatment(btrfs_volume, workloads,
     text = fscr("show", m["id"], store=store).stdout
     assert "network namespace    host" in text
     assert text.count("socket               unix stream (unnamed) peer") == 2
+
+
+def test_a_namespace_the_tree_created_is_dumped_and_recreated(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.run("unshare", "--net", "--", "sh", "-c",
+                           f"ip link set lo up && exec {sys.executable} {WORKLOAD} tcptree "
+                           f"{vol} {port()}")
+    wait_for(lambda: (vol / "conn-2").exists())
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--tcp", "established",
+                   "--kill")
+    assert m["netns"]["treatment"] == "own"
+    r = restore(store, m["id"])
+    host = Path("/proc/self/ns/net").stat().st_ino
+    assert Path(f"/proc/{r['pid']}/ns/net").stat().st_ino != host
+    n = len((vol / "conn-1").read_text().split())
+    wait_for(lambda: len((vol / "conn-1").read_text().split()) > n + 5, 10, "it to go on")

@@ -296,6 +296,7 @@ def tcptree(d, port):
             srv.close()
             c = socket.create_connection(("127.0.0.1", int(port)))
             c.sendall(f"client{i}\n".encode())
+            assert c.recv(3) == b"ok\n"  # the server took the greeting alone
             n = 0
             fd = os.open(os.path.join(d, f"conn-{i}"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             while True:
@@ -315,6 +316,7 @@ def tcptree(d, port):
                     conn.sendall(b"hello\n")
                     conn.close()
                     continue
+                conn.sendall(b"ok\n")
                 sel.register(conn, selectors.EVENT_READ)
             else:
                 data = key.fileobj.recv(32)
