@@ -13,8 +13,8 @@ from rich.console import Console
 
 from . import doctor as doctor_mod
 from . import gc as gc_mod
-from . import pipeline
-from .errors import FscrError, MissingDependency
+from . import pipeline, preflight
+from .errors import FscrError, MissingDependency, Refused
 from .journal import unfinished
 from .manifest import Manifest
 from .process import launch
@@ -65,9 +65,29 @@ def summary(m: Manifest) -> dict[str, Any]:
         "relinks": [r.model_dump() for r in m.relinks],
         "tcp": m.tcp, "netns": m.netns.model_dump(), "network_lock": m.netlock,
         "sockets": [s.model_dump() for s in m.sockets],
+        "allowed": m.allowed, "leaks": [x.model_dump() for x in m.leaks],
         "image_bytes": m.image_bytes, "durations": m.durations,
     }
 
+
+def parse_allow(value: str | None) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in (value or "").split(",") if k.strip())
+    unknown = kinds - set(preflight.KINDS)
+    if unknown:
+        raise click.BadParameter(f"unknown kind(s) {', '.join(sorted(unknown))}; known: "
+                                 f"{', '.join(preflight.KINDS)}", param_hint="--allow")
+    return kinds
+
+
+allow_opt = click.option(
+    "--allow", default=None, metavar="KIND,...",
+    help="Accept resources outside the checkpoint of these kinds: "
+         + ", ".join(k for k in preflight.KINDS if k != "shm") + ".")
+tcp_opt = click.option(
+    "--tcp", type=click.Choice(["refuse", "established", "close"]), default="refuse",
+    show_default=True,
+    help="TCP connections: refuse them, keep them (needs --kill; restored live, the peer "
+         "never notices), or restore them closed (listeners always work).")
 
 store_opt = click.option("--store", envvar="FSCR_STORE", default=None,
                          help="Checkpoint store (default /var/lib/fscr; env FSCR_STORE).")
@@ -124,26 +144,61 @@ def run(name: str | None, log: str | None, netns: str | None, as_json: bool,
 @click.option("--backend", type=click.Choice(["criu", "freeze-only"]), default="criu")
 @click.option("--leave-running/--kill", default=True,
               help="Keep the tree running after the dump (default) or kill it.")
-@click.option("--tcp", type=click.Choice(["refuse", "established", "close"]), default="refuse",
-              show_default=True,
-              help="TCP connections: refuse them, keep them (needs --kill; restored live, "
-                   "the peer never notices), or restore them closed (listeners always work).")
+@tcp_opt
+@allow_opt
 @click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
 @click.option("--max-freeze", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds the tree may stay frozen; past that the watchdog thaws it and the "
                    "checkpoint is aborted.")
 @store_opt
 @json_opt
-def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, tcp, ckpt_id,
-               max_freeze, store, as_json) -> None:  # noqa: ANN001 - click passes the options
+def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, tcp, allow,
+               ckpt_id, max_freeze, store, as_json) -> None:  # noqa: ANN001 - click options
     """Checkpoint a process tree and its volumes at one frozen instant."""
     notice_unfinished(store)
     req = pipeline.CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
-        backend=backend, kill=not leave_running, tcp=tcp, id=ckpt_id, store=store,
-        max_freeze=max_freeze)
+        backend=backend, kill=not leave_running, tcp=tcp, allow=parse_allow(allow), id=ckpt_id,
+        store=store, max_freeze=max_freeze)
     m = pipeline.checkpoint(req, progress_printer(as_json))
     emit(summary(m), as_json, lambda: click.echo(m.id))
+
+
+@cli.command()
+@click.option("--pid", type=int, default=None, help="Root of the tree to check.")
+@click.option("--cgroup", default=None, help="Check every task of this cgroup.")
+@click.option("--name", default=None, help="A workload started with fscr run --name.")
+@click.option("--volume", "volumes", multiple=True, required=True,
+              help="A volume the checkpoint would snapshot (repeatable).")
+@tcp_opt
+@allow_opt
+@store_opt
+@json_opt
+def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # noqa: ANN001
+    """Run only the preflight: what a checkpoint would face. Exit 15 if it would refuse."""
+    req = pipeline.CheckpointRequest(target=target_of(pid, cgroup, name), volumes=list(volumes),
+                                     tcp=tcp, allow=parse_allow(allow), store=store)
+    report, refusal = pipeline.check(req)
+    data = report.as_dict() | {"ok": refusal is None, "refusal": refusal}
+
+    def text() -> None:
+        if not report.leaks:
+            click.echo("no resource outside the checkpoint's reach")
+        for kind in preflight.KINDS:
+            found = [x for x in report.leaks if x.kind == kind]
+            if found:
+                click.echo(f"{kind}:")
+                for leak in found:
+                    click.echo(f"  {leak.describe()}")
+        for c in data["connections"]:
+            click.echo(f"tcp connection (decided by --tcp): {c}")
+        click.echo(f"{len(report.unchanged)} read-only file(s) outside the volumes, verified "
+                   "at restore")
+        click.echo("would checkpoint" if refusal is None else f"would refuse: {refusal}")
+
+    emit(data, as_json, text)
+    if refusal is not None:
+        sys.exit(Refused.exit_code)
 
 
 @cli.command()
@@ -207,6 +262,8 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
         for r in data["relinks"]:
             click.echo(f"relinked             {r['original_path']} "
                        f"({r['method']}, {r['size']} bytes)")
+        for x in data["leaks"]:
+            click.echo(f"allowed leak         {x['kind']}: {x['what']} (PID {x['pid']})")
         ns = data["netns"]
         where = ns["path"] or (f"held by PID {ns['holder']['pid']}" if ns["holder"] else "")
         click.echo(f"{'network namespace':<20} {ns['treatment']} {where}".rstrip())

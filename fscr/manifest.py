@@ -95,6 +95,23 @@ class SocketRecord(Record):
     remote: str = Field(max_length=4096)
 
 
+class LeakRecord(Record):
+    """A resource outside the checkpoint that the user accepted (--allow)."""
+
+    kind: Literal["external-files", "pipes", "unix-sockets", "namespaces", "devices", "shm"]
+    pid: int = Field(gt=0)
+    what: str = Field(max_length=4096)
+    detail: str = Field(max_length=4096)
+
+
+class UnchangedRecord(Record):
+    """A read-only file outside the volumes (a binary, a library): verified at restore."""
+
+    path: AbsPath
+    size: int = Field(ge=0)
+    mtime_ns: int = Field(ge=0)
+
+
 class NetnsRecord(Record):
     """How the tree's network namespace is treated (fscr/process/netns.py)."""
 
@@ -125,6 +142,10 @@ class Manifest(Record):
     relinks: list[Relink]
     tcp: Literal["refuse", "established", "close"]
     sockets: list[SocketRecord]
+    allowed: list[Literal["external-files", "pipes", "unix-sockets", "namespaces", "devices"]]
+    leaks: list[LeakRecord]
+    unchanged: list[UnchangedRecord]
+    needs: list[Literal["shell-job", "file-locks", "ext-unix-sk"]]  # CRIU options it implies
     netns: NetnsRecord
     # CRIU's nftables table that keeps --tcp established connections silent until restore
     netlock: Annotated[str, Field(pattern=r"^CRIU-[0-9a-f-]{36}$")] | None

@@ -93,7 +93,7 @@ def test_volumes_only_restore_under_a_running_tree_needs_force(btrfs_volume, wor
 
 def test_an_unlinked_file_held_only_by_a_mapping_is_preserved(btrfs_volume, workloads, store):
     vol = btrfs_volume.path
-    size = 32 << 20
+    size = 64 << 20
     pid, _ = workloads.start("mapped", str(vol), str(size))
     (vol / "report-mapped.json").touch()
     before = wait_for(lambda: (vol / "mapped.json").exists() and (vol / "mapped.json").read_text())

@@ -24,6 +24,7 @@ class DumpRequest:
     leave_running: bool  # False: the backend kills the tree after the dump
     tcp: str = "refuse"  # "established": dump connections (repair mode); "close": as closed
     netns: str | None = None  # run the dumper in this network namespace (setns), if given
+    options: frozenset[str] = frozenset()  # "shell-job", "file-locks", "ext-unix-sk"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class RestoreRequest:
     inherit: list[tuple[int, str]]  # (fd open in fscr, CRIU key) for every external file
     tcp: str = "refuse"
     netns: str | None = None
+    options: frozenset[str] = frozenset()
 
 
 class Backend(Protocol):

@@ -93,6 +93,14 @@ def _tcp_options(tcp: str) -> list[str]:
     return []
 
 
+def _options(options: frozenset[str]) -> list[str]:
+    """What preflight found the tree needs: a terminal, file locks, unix datagram sockets
+    whose peer is outside (restored disconnected)."""
+    known = {"shell-job": "--shell-job", "file-locks": "--file-locks",
+             "ext-unix-sk": "--ext-unix-sk"}
+    return [known[o] for o in sorted(options)]
+
+
 def lock_table(log: Path) -> str | None:
     """The nftables table of a dump's network lock, from the run id CRIU logs."""
     m = re.search(r"CRIU run id = ([0-9a-f-]{36})", log.read_text(errors="replace"))
@@ -132,7 +140,7 @@ class Criu:
                 "-o", str(req.log), "-v4", "--freeze-cgroup", str(req.freeze_cgroup)]
         if req.leave_running:
             argv.append("--leave-running")
-        argv += _tcp_options(req.tcp)
+        argv += _tcp_options(req.tcp) + _options(req.options)
         for key in req.externals:
             argv += ["--external", key]
         _run(argv, req.log, "dump", started, req.netns)
@@ -145,7 +153,7 @@ class Criu:
         # (its files are checksummed in the manifest).
         argv = [require(), "restore", "-D", str(req.images), "-W", str(req.images.parent),
                 "-o", str(req.log), "-v4", "--restore-detached", "--pidfile", str(pidfile)]
-        argv += _tcp_options(req.tcp)
+        argv += _tcp_options(req.tcp) + _options(req.options)
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
         _run(argv, req.log, "restore", started, req.netns, tuple(fd for fd, _ in req.inherit))

@@ -8,9 +8,9 @@ restore (restore.py): lock -> validate -> make room -> swap volumes in -> reopen
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
-from .checkpoint import CheckpointRequest, checkpoint
+from .checkpoint import CheckpointRequest, check, checkpoint
 from .common import Progress, quiet, require_root, volume_lock, workload_lock
 from .restore import RestoreResult, delete, finish_restore, restore
 
-__all__ = ["CheckpointRequest", "Progress", "RestoreResult", "checkpoint", "delete",
+__all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",
            "finish_restore", "quiet", "require_root", "restore", "volume_lock", "workload_lock"]

@@ -7,11 +7,11 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, locks, relink, snapshot
+from .. import backends, locks, preflight, relink, snapshot
 from ..backends import DumpRequest
 from ..errors import FreezeTimeout, Refused
 from ..fsutil import syncfs
@@ -19,15 +19,17 @@ from ..journal import Journal
 from ..manifest import (
     SCHEMA_VERSION,
     CgroupRecord,
+    LeakRecord,
     Manifest,
     NetnsRecord,
     Relink,
     SocketRecord,
     TaskRecord,
+    UnchangedRecord,
     VolumeRecord,
 )
 from ..names import check_id, relink_name
-from ..process import netns, sockets
+from ..process import netns
 from ..process.files import OpenFile, open_files
 from ..process.freezer import Cgroup
 from ..process.target import Target, isolate, put_back, resolve
@@ -56,6 +58,7 @@ class CheckpointRequest:
     backend: str = "criu"
     kill: bool = False
     tcp: str = "refuse"
+    allow: frozenset[str] = frozenset()
     id: str | None = None
     store: str | None = None
     max_freeze: float = 30.0
@@ -89,9 +92,28 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
                       Timings(progress=progress),
                       placement=netns.classify(root, {t.pid for t in tree}))
-    run.check_sockets(tree)  # before freezing: refuse without ever freezing
+    run.preflight(tree)  # before freezing: refuse without ever freezing
     with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
         return run.execute(named)
+
+
+def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
+    """`fscr check`: the preflight alone. Returns the report and why a checkpoint with these
+    options would be refused (None if it would pass). Freezes nothing."""
+    require_root()
+    provider = snapshot.get(req.snapshot)
+    volumes = [Path(os.path.realpath(v)) for v in req.volumes]
+    for vol in volumes:
+        provider.check(vol)
+    root, _ = resolve(req.target)
+    tree = descendants(root)
+    run = _Checkpoint(req, Store.open(req.store), "check", provider, backends.get(req.backend),
+                      volumes, root, Timings(), placement=netns.classify(root, set()))
+    try:
+        run.preflight(tree)
+    except Refused as e:
+        return run.report, str(e)
+    return run.report, None
 
 
 @dataclass
@@ -176,7 +198,7 @@ class _Checkpoint:
         """Everything done while frozen: scan, relink, snapshot, dump, unrelink."""
         with self.t.stage("scan"):
             self.tasks = descendants(self.root)  # again: it may have changed before the freeze
-            self.check_sockets(self.tasks)
+            self.preflight(self.tasks)
             unlinked = self.unlinked_files(self.tasks)
             self.cg, self.moved = cg, moved
         try:
@@ -195,11 +217,18 @@ class _Checkpoint:
         if self.req.tcp != "established":
             self.check(dog)
 
-    def check_sockets(self, tasks: list[Task]) -> None:
-        """Record the tree's sockets; with --tcp refuse (the default), refuse connections."""
-        self.sockets = sockets.scan(tasks)
-        connected = [s for s in self.sockets if s.connected_tcp]
-        if connected and self.req.tcp == "refuse" and self.backend.writes_image:
+    def preflight(self, tasks: list[Task]) -> None:
+        """Before the freeze, and again once frozen (the tree may have changed): refuse what
+        lives outside the checkpoint unless its kind is allowed, and TCP connections under
+        --tcp refuse. A freeze-only checkpoint restores no process: nothing to refuse."""
+        self.report = preflight.run(tasks, {os.stat(v).st_dev for v in self.volumes})
+        if not self.backend.writes_image:
+            return
+        refused = self.report.refused(set(self.req.allow))
+        if refused:
+            raise Refused(preflight.refusal(refused))
+        connected = self.report.connections
+        if connected and self.req.tcp == "refuse":
             listed = "; ".join(s.describe() for s in connected)
             raise Refused(f"the tree has {len(connected)} TCP connection(s): {listed}. Choose "
                           "--tcp established (keep them, with --kill) or --tcp close")
@@ -244,7 +273,8 @@ class _Checkpoint:
                 root_pid=self.root, images=self.store.images(self.id),
                 log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
                 externals=externals, leave_running=self.req.tcp != "established",
-                tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None),
+                tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None,
+                options=frozenset(self.report.needs)),
                 noting_pid(self.journal))
             self.journal.note("dumped")
 
@@ -278,7 +308,11 @@ class _Checkpoint:
                      for n, (v, s) in enumerate(zip(self.volumes, self.snaps, strict=True))],
             relinks=self.relinks,
             tcp=self.req.tcp,
-            sockets=[SocketRecord(**s.as_dict()) for s in self.sockets],
+            sockets=[SocketRecord(**s.as_dict()) for s in self.report.sockets],
+            allowed=sorted(self.req.allow),
+            leaks=[LeakRecord(**asdict(x)) for x in self.report.leaks],
+            unchanged=[UnchangedRecord(**asdict(u)) for u in self.report.unchanged],
+            needs=sorted(self.report.needs),
             netns=NetnsRecord(
                 treatment=p.treatment, inode=p.inode, path=p.path,
                 holder=TaskRecord(pid=p.holder.pid, starttime=p.holder.starttime)

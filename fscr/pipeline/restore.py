@@ -122,6 +122,16 @@ class _Restore:
                 raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
                                   f"from snapshot {snap}")
         self.netns = netns.resolve(placement(m)) if processes else None
+        if processes:
+            for u in m.unchanged:
+                try:
+                    st = os.stat(u.path)
+                    same = (st.st_size, st.st_mtime_ns) == (u.size, u.mtime_ns)
+                except OSError:
+                    same = False
+                if not same:
+                    raise Refused(f"{u.path} changed since checkpoint {m.id} (the tree had it "
+                                  "open or mapped read-only): refusing to restore onto it")
         live = self.live_tree()
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)
@@ -198,7 +208,8 @@ class _Restore:
             pid = self.backend.restore(RestoreRequest(
                 images=self.store.images(self.m.id),
                 log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
-                inherit=fds, tcp=self.m.tcp, netns=self.netns), noting_pid(self.journal))
+                inherit=fds, tcp=self.m.tcp, netns=self.netns, options=frozenset(self.m.needs)),
+                noting_pid(self.journal))
         finally:
             for fd, _ in fds:
                 os.close(fd)

@@ -31,6 +31,10 @@ tcpclient DIR HOST PORT LPORT
 tcptree DIR PORT      a server listening on 127.0.0.1:PORT and two clients of it in one tree,
                       each client's counter echoed back, counted in DIR/conn-<i>; a new
                       connection gets "hello" back
+hold DIR WHAT ARG     holds something outside the tree, then counts into DIR/history:
+                      file PATH (open read-write), wronly PATH (open write-only: a fifo or
+                      a pipe through /proc/PID/fd/N), unix-stream PATH or unix-dgram PATH
+                      (connected to a server there), shm KEY (SysV segment attached)
 unixq DIR             stream, dgram and seqpacket socketpairs with data queued, unread; on
                       DIR/report-unixq.json appearing, reads it all and reports it
 """
@@ -324,6 +328,28 @@ def tcptree(d, port):
                     sel.unregister(key.fileobj)
                     continue
                 key.fileobj.sendall(data.strip())
+
+
+def hold(d, what, arg):
+    keep = []
+    if what == "file":
+        keep.append(os.open(arg, os.O_RDWR | os.O_CREAT, 0o600))
+    elif what == "wronly":
+        keep.append(os.open(arg, os.O_WRONLY))
+    elif what.startswith("unix-"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM if what == "unix-stream"
+                          else socket.SOCK_DGRAM)
+        s.connect(arg)
+        keep.append(s)
+    elif what == "shm":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        shmid = libc.shmget(int(arg, 0), 4096, 0o600)
+        assert shmid >= 0, ctypes.get_errno()
+        keep.append(libc.shmat(shmid, None, 0))
+    counter(d)
 
 
 def unixq(d):

@@ -1,0 +1,280 @@
+"""Preflight: what of a tree lives outside the checkpoint's reach, found before freezing.
+
+A tree that shares live state with processes outside it cannot be restored to one consistent
+instant. Each such resource is a leak of one kind; by default any leak refuses the
+checkpoint, and `--allow KIND,...` accepts kinds explicitly (recorded in the manifest):
+
+  external-files  files open or mapped writable on filesystems that are not the volumes;
+                  restored by reopening the path (its size must match then, see CRIU)
+  pipes           pipes and fifos whose other end an outside process holds; restored
+                  disconnected (the task sees EOF or EPIPE, as if the peer had died)
+  unix-sockets    unix sockets whose peer is outside; datagram ones are restored
+                  disconnected (CRIU --ext-unix-sk), stream ones cannot be and stay refused
+  namespaces      namespaces other than the host's that outside processes share
+                  (a network namespace joined with `fscr run --netns` is handled, not a leak)
+  devices         device files other than null, zero, random, urandom and terminals
+  shm             SysV shared memory in an IPC namespace shared with outside processes:
+                  CRIU cannot checkpoint it; always refused
+
+Not leaks: TCP connections (decided by --tcp alone), append-only files (logs: CRIU accepts
+their growth), and read-only files outside the volumes (binaries, libraries), which are
+recorded with size and mtime and verified at restore.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import asdict, dataclass, field
+
+from .process import sockets as sockets_mod
+from .process.sockets import Socket
+from .process.tree import Task, all_pids, read_stat
+
+KINDS = ("external-files", "pipes", "unix-sockets", "namespaces", "devices", "shm")
+NEVER_ALLOWED = {"shm"}
+HARMLESS_DEVICES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full",
+                    "/dev/tty", "/dev/ptmx", "/dev/console"}
+NAMESPACES = ("ipc", "uts", "mnt", "pid", "cgroup", "user")
+
+
+@dataclass(frozen=True)
+class Leak:
+    kind: str
+    pid: int
+    what: str
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.what} (PID {self.pid}{', ' + self.detail if self.detail else ''})"
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """A read-only file outside the volumes, verified at restore."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Report:
+    leaks: list[Leak] = field(default_factory=list)
+    sockets: list[Socket] = field(default_factory=list)
+    unchanged: list[Unchanged] = field(default_factory=list)
+    needs: set[str] = field(default_factory=set)  # "shell-job", "file-locks", "ext-unix-sk"
+
+    def refused(self, allow: set[str]) -> list[Leak]:
+        out = []
+        for leak in self.leaks:
+            stream = leak.kind == "unix-sockets" and "stream" in leak.what
+            if leak.kind in NEVER_ALLOWED or leak.kind not in allow or stream:
+                out.append(leak)
+        return out
+
+    @property
+    def connections(self) -> list[Socket]:
+        """TCP connections: not leaks, decided by --tcp."""
+        return [s for s in self.sockets if s.connected_tcp]
+
+    def as_dict(self) -> dict:
+        return {"leaks": [asdict(x) for x in self.leaks],
+                "connections": [s.describe() for s in self.connections],
+                "unchanged": [asdict(x) for x in self.unchanged], "needs": sorted(self.needs)}
+
+
+def _holders() -> dict[str, set[int]]:
+    """{fd link target ("pipe:[N]", "socket:[N]"): PIDs holding it}, over every process."""
+    out: dict[str, set[int]] = {}
+    for pid in all_pids():
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for n in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{n}")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue  # gone, or a process even root may not inspect (PID 1 here)
+            if target.startswith(("pipe:[", "socket:[")):
+                out.setdefault(target, set()).add(pid)
+    return out
+
+
+def _comm(pid: int) -> str:
+    st = read_stat(pid)
+    return f"PID {pid} ({st.comm})" if st else f"PID {pid}"
+
+
+def _is_tty(path: str) -> bool:
+    return path.startswith(("/dev/pts/", "/dev/tty"))
+
+
+def _fifo_holders(dev: int, ino: int, tree: set[int]) -> list[int]:
+    out = []
+    for pid in all_pids():
+        if pid in tree:
+            continue
+        try:
+            for n in os.listdir(f"/proc/{pid}/fd"):
+                st = os.stat(f"/proc/{pid}/fd/{n}")
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    out.append(pid)
+                    break
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: dict[str, set[int]],
+              r: Report) -> None:
+    base = f"/proc/{t.pid}/fd"
+    try:
+        names = sorted(os.listdir(base), key=int)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for n in names:
+        try:
+            target = os.readlink(f"{base}/{n}")
+            st = os.stat(f"{base}/{n}")
+            flags = int(open(f"/proc/{t.pid}/fdinfo/{n}").read().split("flags:")[1].split()[0], 8)
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if target.startswith("pipe:["):
+            outside = sorted(holders.get(target, set()) - tree)
+            if outside:
+                r.leaks.append(Leak("pipes", t.pid, f"fd {n} {target}",
+                                    "other end held by " + ", ".join(map(_comm, outside))))
+        elif stat.S_ISFIFO(st.st_mode):
+            outside = _fifo_holders(st.st_dev, st.st_ino, tree)
+            if outside:
+                r.leaks.append(Leak("pipes", t.pid, f"fd {n} fifo {target}",
+                                    "other end held by " + ", ".join(map(_comm, outside))))
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            if _is_tty(target):
+                r.needs.add("shell-job")
+            elif target not in HARMLESS_DEVICES:
+                r.leaks.append(Leak("devices", t.pid, f"fd {n} {target}"))
+        elif stat.S_ISREG(st.st_mode) and st.st_dev not in devs:
+            mode = flags & os.O_ACCMODE
+            if mode == os.O_RDONLY and st.st_nlink > 0:
+                r.unchanged.append(Unchanged(target, st.st_size, st.st_mtime_ns))
+            elif mode == os.O_WRONLY and flags & os.O_APPEND:
+                continue  # a log: CRIU accepts an append-only file that grew
+            else:
+                r.leaks.append(Leak("external-files", t.pid, f"fd {n} {target}",
+                                    "open for writing outside the volumes"))
+
+
+def _scan_maps(t: Task, devs: set[int], r: Report, seen: set[str], shared_ipc: bool) -> None:
+    try:
+        lines = open(f"/proc/{t.pid}/maps").read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        perms, path = parts[1], parts[5]
+        if path.startswith("/SYSV"):
+            if shared_ipc:
+                r.leaks.append(Leak("shm", t.pid, f"SysV shared memory {path.split()[0]}",
+                                    "its IPC namespace is the host's, shared with processes "
+                                    "outside the tree"))
+            continue
+        deleted = path.endswith(" (deleted)")
+        try:
+            st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if st.st_dev in devs or path in seen:
+            continue
+        seen.add(path)
+        if "w" in perms and perms.endswith("s"):
+            r.leaks.append(Leak("external-files", t.pid, f"mapping {path}",
+                                "shared and writable outside the volumes"))
+        elif not deleted:
+            r.unchanged.append(Unchanged(path, st.st_size, st.st_mtime_ns))
+
+
+def _scan_unix(tasks: list[Task], tree: set[int], holders: dict[str, set[int]],
+               r: Report) -> None:
+    r.sockets = sockets_mod.scan(tasks)
+    for s in r.sockets:
+        if s.family == "unix" and s.remote:
+            outside = sorted(holders.get(f"socket:[{s.remote}]", set()) - tree)
+            if outside:
+                r.leaks.append(Leak("unix-sockets", s.pid,
+                                    f"fd {s.fd} unix {s.type} {s.local or '(unnamed)'}",
+                                    "peer held by " + ", ".join(map(_comm, outside))))
+                if s.type == "dgram":
+                    r.needs.add("ext-unix-sk")
+
+
+def host_ns(ns: str) -> int:
+    """The host's namespace of kind `ns`: PID 1's, or fscr's own where PID 1 cannot be
+    inspected (a sandbox's init may refuse even root)."""
+    try:
+        return os.stat(f"/proc/1/ns/{ns}").st_ino
+    except PermissionError:
+        return os.stat(f"/proc/self/ns/{ns}").st_ino
+
+
+def _scan_namespaces(root: int, tree: set[int], r: Report) -> None:
+    host = {ns: host_ns(ns) for ns in NAMESPACES}
+    mine = {ns: os.stat(f"/proc/{root}/ns/{ns}").st_ino for ns in NAMESPACES}
+    foreign = {ns for ns in NAMESPACES if mine[ns] != host[ns]}
+    if not foreign:
+        return
+    for pid in all_pids():
+        if pid in tree:
+            continue
+        for ns in sorted(foreign):
+            try:
+                if os.stat(f"/proc/{pid}/ns/{ns}").st_ino == mine[ns]:
+                    r.leaks.append(Leak("namespaces", root, f"{ns} namespace {mine[ns]}",
+                                        f"shared with {_comm(pid)}"))
+                    foreign.discard(ns)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+
+
+def _file_locks(tree: set[int]) -> bool:
+    try:
+        lines = open("/proc/locks").read().splitlines()
+    except FileNotFoundError:
+        return False
+    return any(int(f[4]) in tree for line in lines if len(f := line.split()) > 4
+               and f[4].isdigit())
+
+
+def run(tasks: list[Task], devs: set[int]) -> Report:
+    """The preflight report for `tasks` (root first) with volumes on devices `devs`."""
+    tree = {t.pid for t in tasks}
+    holders = _holders()
+    r = Report()
+    seen: set[str] = set()
+    shared_ipc = os.stat(f"/proc/{tasks[0].pid}/ns/ipc").st_ino == host_ns("ipc")
+    for t in tasks:
+        _scan_fds(t, devs, tree, holders, r)
+        _scan_maps(t, devs, r, seen, shared_ipc)
+    _scan_unix(tasks, tree, holders, r)
+    _scan_namespaces(tasks[0].pid, tree, r)
+    if _file_locks(tree):
+        r.needs.add("file-locks")
+    r.unchanged = sorted(set(r.unchanged), key=lambda u: u.path)
+    return r
+
+
+def refusal(leaks: list[Leak]) -> str:
+    """One line: the refused leaks by kind, and what the user can do."""
+    by_kind: dict[str, list[str]] = {}
+    for leak in leaks:
+        by_kind.setdefault(leak.kind, []).append(leak.describe())
+    listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in by_kind.items())
+    kinds = sorted(set(by_kind) - NEVER_ALLOWED)
+    hint = f" Accept with --allow {','.join(kinds)}" if kinds else ""
+    never = " (shm can never be allowed; unix stream sockets to outside peers cannot be restored)"
+    return (f"preflight: {len(leaks)} resource(s) of the tree live outside the checkpoint: "
+            f"{listed}.{hint}{never if set(by_kind) & {'shm', 'unix-sockets'} else ''}")
