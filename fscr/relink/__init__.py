@@ -31,8 +31,9 @@ REOPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SY
 
 
 def _open_dir_nofollow(base: int, name: str, create: bool) -> int:
-    """Open (creating 0700 if asked) directory `name` under fd `base`, refusing symlinks and
-    directories not owned by root."""
+    """Open directory `name` under fd `base`, refusing symlinks and directories not owned by
+    root. With `create`, make it if missing and make sure it is 0700: relinks must not be
+    reachable by other users."""
     if create:
         try:
             os.mkdir(name, 0o700, dir_fd=base)
@@ -48,6 +49,8 @@ def _open_dir_nofollow(base: int, name: str, create: bool) -> int:
     if st.st_uid != 0:
         os.close(fd)
         raise Refused(f"{name} in the volume is not owned by root; refusing to use it")
+    if create and stat.S_IMODE(st.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)
     return fd
 
 
