@@ -13,7 +13,7 @@ from rich.console import Console
 
 from . import doctor as doctor_mod
 from . import gc as gc_mod
-from . import pipeline, preflight
+from . import pipeline, preflight, transfer
 from .errors import FscrError, MissingDependency, Refused
 from .journal import unfinished
 from .manifest import Manifest
@@ -100,10 +100,15 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--for", "for_id", default=None, metavar="ID",
+              help="Also check that this machine can restore checkpoint ID.")
+@store_opt
 @json_opt
-def doctor(as_json: bool) -> None:
+def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
     """Check what fscr needs on this machine."""
     rows = doctor_mod.run_checks()
+    if for_id is not None:
+        rows += doctor_mod.for_checkpoint(Store.open(store), for_id)
     missing = [r.name for r in rows if r.essential and not r.ok]
 
     def text() -> None:
@@ -316,6 +321,33 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
     emit({"dry_run": dry_run, "runs": report}, as_json, text)
     if any(r["errors"] for r in report):
         sys.exit(FscrError.exit_code)
+
+
+@cli.command()
+@click.argument("ckpt_id")
+@click.option("--parent", default=None, help="Send only the changes since this checkpoint.")
+@store_opt
+def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
+    """Write a checkpoint as one stream to stdout (pipe it to ssh, a file, ...)."""
+    out = click.get_binary_stream("stdout")
+    if out.isatty():
+        raise click.UsageError("refusing to write a binary stream to a terminal: redirect it")
+    notice_unfinished(store)
+    sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
+                         progress=progress_printer(False))
+    err.print(f"fscr: sent {sent.id}" + (f" (incremental on {sent.parent})" if sent.parent
+              else "") + f", {sent.bytes} bytes", markup=False, highlight=False)
+
+
+@cli.command()
+@store_opt
+@json_opt
+def receive(store: str | None, as_json: bool) -> None:
+    """Read a stream from stdin into this machine's store and btrfs filesystems."""
+    notice_unfinished(store)
+    got = transfer.receive(click.get_binary_stream("stdin"), store_dir=store,
+                           progress=progress_printer(as_json))
+    emit({"id": got.id, "volumes": got.volumes}, as_json, lambda: click.echo(got.id))
 
 
 def main() -> None:

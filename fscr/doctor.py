@@ -9,8 +9,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backends import criu
+from .errors import FscrError
 from .names import FSCR_GROUP
 from .process import freezer
+from .process.tree import read_stat
+from .store import Store
 
 
 @dataclass(frozen=True)
@@ -117,3 +120,48 @@ def run_checks() -> list[Row]:
 
 def as_dicts(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
+    """Whether this machine can restore checkpoint `ckpt_id`: all essential."""
+    try:
+        m = store.load(ckpt_id)
+        store.verify_images(m)
+    except FscrError as e:
+        return [Row(f"checkpoint {ckpt_id}", False, True, str(e))]
+    rows = [Row(f"checkpoint {ckpt_id}", True, True, "manifest and images verified")]
+    if m.backend == "criu":
+        rows.append(_criu())
+        features = {"established": ["tcp_half_closed", "network_lock_nftables"]}.get(m.tcp, [])
+        found = criu.find()
+        for feat in features:
+            ok = found.path is not None and subprocess.run(
+                [found.path, "check", "--feature", feat], capture_output=True).returncode == 0
+            rows.append(Row(f"kernel feature {feat}", ok, True,
+                            "supported" if ok else "not supported by this kernel or CRIU"))
+        busy = [t.pid for t in m.tasks if (st := read_stat(t.pid)) and st.state not in "ZX"
+                and st.starttime != t.starttime]
+        rows.append(Row("free PIDs", not busy, True, "every PID of the image is free" if not busy
+                        else f"PIDs {busy} are used by other processes"))
+        changed = [u.path for u in m.unchanged if not _same(u.path, u.size, u.mtime_ns)]
+        rows.append(Row("unchanged files", not changed, True,
+                        f"{len(m.unchanged)} binaries and libraries as at the checkpoint"
+                        if not changed else f"changed or missing: {', '.join(changed[:5])}"))
+        if m.netns.treatment == "external":
+            path = m.netns.path
+            ok = path is not None and os.path.exists(path)
+            rows.append(Row("network namespace", ok, True, f"{path} present" if ok else
+                            f"{path or 'its namespace'} missing: recreate it first"))
+    for v in m.volumes:
+        ok = v.snapshot is None or Path(v.snapshot).is_dir()
+        rows.append(Row(f"volume {v.path}", ok, True,
+                        f"snapshot {v.snapshot} present" if ok else f"{v.snapshot} missing"))
+    return rows
+
+
+def _same(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)

@@ -93,3 +93,15 @@ class FreezeTimeout(FscrError):
     """The watchdog thawed the tree (--max-freeze passed, or fscr was dying): run aborted."""
 
     exit_code = 17
+
+
+class BadStream(FscrError):
+    """A send stream that is truncated, corrupt, of an unknown version, or does not fit here."""
+
+    exit_code = 18
+
+
+class MissingParent(FscrError):
+    """An incremental stream whose parent checkpoint this store has not received."""
+
+    exit_code = 19

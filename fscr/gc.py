@@ -147,20 +147,37 @@ def plan_restore(store: Store, run: Run) -> Plan:
     copies = {e["volume"]: e["copy"] for e in run.events("copy")}
     for e in reversed(swaps):
         vol, rescue = Path(e["volume"]), Path(e["rescue"])
-        if not rescue.exists():
-            continue
-        if e["volume"] in copies and provider.identity(vol) == copies[e["volume"]]:
-            plan.add(f"put {vol} back as it was before the restore",
-                     lambda v=vol, r=rescue: provider.swap_back(v, r))
-        else:
+        ours = e["volume"] in copies and provider.identity(vol) == copies[e["volume"]]
+        if ours:
+            what = (f"put {vol} back as it was before the restore" if rescue.exists()
+                    else f"remove {vol}, which the restore created")
+            plan.add(what, lambda v=vol, r=rescue: provider.swap_back(v, r))
+        elif rescue.exists():
             plan.add(f"delete unused restore copy {rescue}",
                      lambda r=rescue: provider.delete(str(r)))
     _relink_steps(plan)
     return plan
 
 
+def plan_receive(store: Store, run: Run) -> Plan:
+    plan = Plan(run)
+    if store.committed(run.id):
+        return plan
+    provider = snapshot.get(run.begin.get("snapshot", "btrfs"))
+    for e in run.events("subvolume"):
+        path = Path(e["path"])
+        if path.exists() or path.parent.exists():
+            plan.add(f"delete half-received snapshot {path}",
+                     lambda p=path: provider.delete(str(p)))
+    if store.exists(run.id):
+        plan.add(f"remove half-received checkpoint directory {store.dir(run.id)}",
+                 lambda: store.remove(run.id))
+    return plan
+
+
 def plan(store: Store, run: Run) -> Plan:
-    return plan_restore(store, run) if run.op == "restore" else plan_checkpoint(store, run)
+    planner = {"restore": plan_restore, "receive": plan_receive}.get(run.op, plan_checkpoint)
+    return planner(store, run)
 
 
 def _lock_keys(run: Run) -> list[str]:

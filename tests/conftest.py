@@ -63,30 +63,44 @@ class Volume:
 
     mnt: Path
     path: Path
-    loop: str
+    img: Path
+    loop: str = ""
+    size: int = 1 << 30
+
+    def make(self) -> None:
+        with open(self.img, "wb") as f:
+            f.truncate(self.size)
+        self.loop = sh("losetup", "--find", "--show", str(self.img))
+        sh("mkfs.btrfs", "-q", self.loop)
+        sh("mount", self.loop, str(self.mnt))
+
+    def destroy(self) -> None:
+        if self.loop:
+            if subprocess.run(["mountpoint", "-q", str(self.mnt)]).returncode == 0:
+                _umount(self.mnt)
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+            self.loop = ""
+        self.img.unlink(missing_ok=True)
+
+    def recreate(self, size: int | None = None) -> None:
+        """"Another machine": the filesystem destroyed, a new empty one at the same place."""
+        self.destroy()
+        self.size = size or self.size
+        self.make()
 
 
 @pytest.fixture
 def btrfs_volume(tmp_path: Path, workloads: Workloads) -> Iterator[Volume]:
-    img = tmp_path / "btrfs.img"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(1 << 30)
-    loop = sh("losetup", "--find", "--show", str(img))
+    v = Volume(mnt, mnt / "vol", tmp_path / "btrfs.img")
     try:
-        sh("mkfs.btrfs", "-q", loop)
-        sh("mount", loop, str(mnt))
-        try:
-            vol = mnt / "vol"
-            sh("btrfs", "subvolume", "create", str(vol))
-            yield Volume(mnt, vol, loop)
-        finally:
-            workloads.kill_all()  # restored processes hold files on the volume
-            _umount(mnt)
+        v.make()
+        sh("btrfs", "subvolume", "create", str(v.path))
+        yield v
     finally:
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
-        img.unlink(missing_ok=True)
+        workloads.kill_all()  # restored processes hold files on the volume
+        v.destroy()
 
 
 def _umount(mnt: Path) -> None:

@@ -103,7 +103,8 @@ class _Restore:
         with self.t.stage("finish"):
             self.finish(pid, [r for _, r in swapped])
         self.journal.close()
-        return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped], self.t.seconds)
+        return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped if r.exists()],
+                             self.t.seconds)
 
     def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         """Every check, before anything is killed or swapped. Returns the live tree."""
@@ -112,7 +113,7 @@ class _Restore:
         if processes:
             self.backend.check()
         for v in m.volumes:
-            self.provider.check(Path(v.path))
+            self.provider.check_target(Path(v.path))
             if v.snapshot is not None and not Path(v.snapshot).is_dir():
                 raise BadManifest(f"checkpoint {m.id}: snapshot {v.snapshot} is missing")
         by_volume = {v.path: v for v in m.volumes}
@@ -144,7 +145,7 @@ class _Restore:
             if taken:
                 raise TreeStillRunning(f"PIDs {taken} of checkpoint {m.id} belong to other "
                                        "processes; CRIU restores the original PIDs")
-        devs = {os.stat(v.path).st_dev for v in m.volumes}
+        devs = {os.stat(v.path).st_dev for v in m.volumes if os.path.exists(v.path)}
         spared = {x.pid for x in live} if (replace and processes) else set()
         others = holders(devs, exclude=spared)
         if others and not force and self.provider.name != "none":

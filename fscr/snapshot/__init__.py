@@ -20,6 +20,10 @@ class Provider(Protocol):
     def check(self, volume: Path) -> None:
         """Raise BadVolume unless `volume` can be snapshotted and swapped by this provider."""
 
+    def check_target(self, volume: Path) -> None:
+        """Like check, for a restore: a volume that does not exist yet (a checkpoint received
+        from another machine) is created from its snapshot."""
+
     def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
         """A read-only snapshot of `volume`, named with `ckpt_id`; returns its path."""
 
@@ -32,7 +36,8 @@ class Provider(Protocol):
         `made(copy id)` is called once the copy exists and before the swap, to journal it."""
 
     def swap_back(self, volume: Path, rescue: Path) -> None:
-        """Undo swap_in: `rescue` goes back to `volume`, the restored copy is removed."""
+        """Undo swap_in: `rescue` goes back to `volume`, the restored copy is removed (or, if
+        the restore created the volume, the volume is removed)."""
 
     def seal(self, rescue: Path) -> None:
         """Make a rescue snapshot read-only once the restore succeeded."""

@@ -82,27 +82,44 @@ class Btrfs:
             btrfsutil.delete_subvolume(str(path))
         _rmdir_quietly(path.parent)  # the <id> directory, once its last snapshot is gone
 
+    def check_target(self, volume: Path) -> None:
+        if volume.exists() or volume.is_symlink():
+            self.check(volume)
+        elif not volume.parent.is_dir():
+            raise BadVolume(f"volume {volume} is missing, and so is its parent directory")
+
     def swap_in(self, snapshot: str, volume: Path, rescue: Path,
                 made: Callable[[str], None]) -> None:
         # A writable snapshot of the checkpoint's read-only one, made at the rescue path and
         # then exchanged: the old contents land at the rescue path, the volume never vanishes.
+        # On a machine that received the checkpoint the volume may not exist yet: the copy is
+        # then renamed into place, and there is no rescue.
         _mkdir_private(rescue.parent.parent)
         _mkdir_private(rescue.parent)
         try:
             btrfsutil.create_snapshot(snapshot, str(rescue), read_only=False)
         except btrfsutil.BtrfsUtilError as e:
+            _rmdir_quietly(rescue.parent)
             raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
         made(self.identity(rescue) or "")
         try:
-            exchange(rescue, volume)
+            if volume.exists():
+                exchange(rescue, volume)
+            else:
+                os.rename(rescue, volume)
+                _rmdir_quietly(rescue.parent)
         except OSError as e:
             btrfsutil.delete_subvolume(str(rescue))
+            _rmdir_quietly(rescue.parent)
             raise SnapshotFailed(f"cannot put {snapshot} back at {volume}: {e}") from None
 
     def swap_back(self, volume: Path, rescue: Path) -> None:
-        exchange(rescue, volume)
-        btrfsutil.delete_subvolume(str(rescue))
-        _rmdir_quietly(rescue.parent)
+        if rescue.exists():
+            exchange(rescue, volume)
+            btrfsutil.delete_subvolume(str(rescue))
+            _rmdir_quietly(rescue.parent)
+        else:  # the restore created the volume: there was nothing before it
+            btrfsutil.delete_subvolume(str(volume))
 
     def seal(self, rescue: Path) -> None:
         btrfsutil.set_subvolume_read_only(str(rescue), True)

@@ -21,6 +21,9 @@ class NoSnapshot:
     def delete(self, snapshot: str) -> None:
         pass
 
+    def check_target(self, volume: Path) -> None:
+        self.check(volume)
+
     def swap_in(self, snapshot: str, volume: Path, rescue: Path,
                 made: Callable[[str], None]) -> None:
         pass

@@ -1,0 +1,289 @@
+"""send and receive: a checkpoint as one self-describing stream, over any pipe.
+
+The stream (version 1):
+
+    b"FSCR-STREAM 1\\n"
+    record*        a JSON line ({"type": ...}) followed by its payload in chunks
+    end record     {"type": "end", "sha256": <hex>}: the sha256 of every byte before it
+
+Records, in order: "manifest" (manifest.json), one "image" per CRIU image file, one "volume"
+per snapshot (a btrfs send stream, incremental when the record names a "parent" checkpoint).
+A payload is a sequence of chunks, each an 8-byte big-endian length and that many bytes, and
+ends with a zero length, so streams of unknown size (btrfs send) need no buffering.
+
+receive writes as it reads (the snapshots through `btrfs receive`, the images into the store)
+but lists nothing until the end record's checksum, the manifest's validation and every image's
+checksum passed; on any failure it removes what it received. A journal covers it, so `fscr gc`
+removes what a killed receive left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import snapshot
+from .errors import BadManifest, BadStream, FscrError, MissingParent
+from .journal import Journal
+from .manifest import Manifest
+from .names import check_id, snapshot_path
+from .pipeline.common import Progress, quiet, require_root
+from .store import Store
+
+MAGIC = b"FSCR-STREAM 1\n"
+CHUNK = 1 << 20
+
+
+class _Out:
+    """The stream being written, hashing everything that passes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.h, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.h.update(data)
+        self.bytes += len(data)
+
+    def record(self, header: dict, chunks: Callable[[], bytes | None]) -> None:
+        self.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+        while (data := chunks()) is not None:
+            if data:
+                self.write(len(data).to_bytes(8, "big") + data)
+        self.write((0).to_bytes(8, "big"))
+
+
+def _reader(f: BinaryIO) -> Callable[[], bytes | None]:
+    return lambda: f.read(CHUNK) or None
+
+
+@dataclass(frozen=True)
+class Sent:
+    id: str
+    parent: str | None
+    bytes: int
+
+
+def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
+         store_dir: str | None = None, progress: Progress = quiet) -> Sent:
+    """Write checkpoint `ckpt_id` as a stream to `out` (incremental against `parent`)."""
+    require_root()
+    store = Store.open(store_dir)
+    m = store.load(check_id(ckpt_id))
+    store.verify_images(m)
+    base = store.load(check_id(parent)) if parent else None
+    if base is not None and [v.path for v in base.volumes] != [v.path for v in m.volumes]:
+        raise FscrError(f"parent {parent} does not have the same volumes as {ckpt_id}")
+    s = _Out(out)
+    s.write(MAGIC)
+    progress("manifest")
+    raw = (store.dir(m.id) / "manifest.json").read_bytes()
+    chunks = iter([raw])
+    s.record({"type": "manifest"}, lambda: next(chunks, None))
+    for img in m.images:
+        progress(f"image {img.name}")
+        with open(store.images(m.id) / img.name, "rb") as f:
+            s.record({"type": "image", "name": img.name}, _reader(f))
+    for v in m.volumes:
+        if v.snapshot is None:
+            continue
+        progress(f"volume {v.path}")
+        argv = ["btrfs", "send", "-q"]
+        if base is not None:
+            argv += ["-p", str(base.volumes[v.n].snapshot)]
+        proc = subprocess.Popen([*argv, v.snapshot], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            s.record({"type": "volume", "n": v.n, "parent": parent}, _reader(proc.stdout))
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            if proc.wait() != 0:
+                raise FscrError(f"btrfs send of {v.snapshot} failed: {err}")
+    digest = s.h.hexdigest()
+    s.write(json.dumps({"type": "end", "sha256": digest}).encode() + b"\n")
+    out.flush()
+    return Sent(m.id, parent, s.bytes)
+
+
+class _In:
+    """The stream being read; every read that comes short is a truncated stream."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def exact(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise BadStream("the stream is truncated")
+        self.h.update(data)
+        return data
+
+    def line(self, limit: int = 4096, hashed: bool = True) -> bytes:
+        data = self.f.readline(limit)
+        if not data.endswith(b"\n"):
+            raise BadStream("the stream is truncated or corrupt (a record header is broken)")
+        if hashed:
+            self.h.update(data)
+        return data
+
+    def header(self) -> dict:
+        try:
+            h = json.loads(self.line())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadStream("the stream is corrupt (a record header is not JSON)") from None
+        if not isinstance(h, dict) or "type" not in h:
+            raise BadStream("the stream is corrupt (a record header has no type)")
+        return h
+
+    def payload(self, sink: Callable[[bytes], None], limit: int | None = None) -> int:
+        total = 0
+        while n := int.from_bytes(self.exact(8), "big"):
+            if n > 64 * CHUNK or (limit is not None and total + n > limit):
+                raise BadStream("the stream is corrupt (a chunk length is impossible)")
+            sink(self.exact(n))
+            total += n
+        return total
+
+
+@dataclass(frozen=True)
+class Received:
+    id: str
+    volumes: list[str]
+    bytes: int
+
+
+def receive(inp: BinaryIO, store_dir: str | None = None,
+            progress: Progress = quiet) -> Received:
+    """Read a stream into this machine: snapshots beside the volumes' original paths, images
+    and manifest into the store. On failure, whatever arrived is removed."""
+    require_root()
+    store = Store.open(store_dir)
+    s = _In(inp)
+    if s.line(64) != MAGIC:
+        raise BadStream("not an fscr stream, or one of a version this fscr does not read")
+    h = s.header()
+    if h["type"] != "manifest":
+        raise BadStream("the stream is corrupt (it does not start with a manifest)")
+    raw = bytearray()
+    s.payload(raw.extend, limit=16 << 20)
+    try:
+        m = Manifest.from_bytes(bytes(raw), "received manifest")
+    except BadManifest as e:
+        raise BadStream(f"the stream is corrupt: {e}") from None
+    if store.exists(m.id):
+        raise FscrError(f"checkpoint {m.id} already exists in {store.root}")
+    provider = snapshot.get(m.snapshot)
+    journal = Journal.begin(store.root, m.id, "receive", volumes=[v.path for v in m.volumes],
+                            snapshot=m.snapshot)
+    made: list[Path] = []
+    try:
+        store.reserve(m.id)
+        _receive_rest(s, store, m, journal, made, progress)
+        try:
+            store.verify_images(m)
+        except BadManifest as e:
+            raise BadStream(f"the stream is corrupt: {e}") from None
+        store.commit(m)
+    except BaseException:
+        for p in made:
+            provider.delete(str(p))
+        store.remove(m.id)
+        journal.close()
+        raise
+    journal.close()
+    return Received(m.id, [v.path for v in m.volumes], len(raw))
+
+
+def _receive_rest(s: _In, store: Store, m: Manifest, journal: Journal, made: list[Path],
+                  progress: Progress) -> None:
+    listed = {i.name: i.size for i in m.images}
+    while True:
+        before = s.h.hexdigest()  # the end record checks everything before its own line
+        h = s.header()
+        if h["type"] == "image":
+            name = h.get("name")
+            if name not in listed or (store.images(m.id) / name).exists():
+                raise BadStream(f"the stream carries an unexpected image {name!r}")
+            progress(f"image {name}")
+            fd = os.open(store.images(m.id) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, 0o600)
+            try:
+                s.payload(lambda data, fd=fd: os.write(fd, data), limit=listed[name])
+            finally:
+                os.close(fd)
+        elif h["type"] == "volume":
+            _receive_volume(s, store, m, h, journal, made, progress)
+        elif h["type"] == "end":
+            if h.get("sha256") != before:
+                raise BadStream("the stream is corrupt: its sha256 does not match")
+            if s.f.read(1):
+                raise BadStream("the stream is corrupt: data follows its end record")
+            return
+        else:
+            raise BadStream(f"the stream is corrupt (unknown record {h['type']!r})")
+
+
+def _receive_volume(s: _In, store: Store, m: Manifest, h: dict, journal: Journal,
+                    made: list[Path], progress: Progress) -> None:
+    n = h.get("n")
+    if not isinstance(n, int) or not 0 <= n < len(m.volumes):
+        raise BadStream("the stream is corrupt (a volume record names no volume)")
+    v = m.volumes[n]
+    dest = snapshot_path(Path(v.path), m.id, n)
+    parent = h.get("parent")
+    if parent is not None:
+        check_id(parent)
+        base = snapshot_path(Path(v.path), parent, n)
+        if not store.committed(parent) or not base.exists():
+            raise MissingParent(f"the stream is incremental against checkpoint {parent}, "
+                                "which this machine has not received: receive it first")
+    _btrfs_parent(Path(v.path))
+    if dest.exists():
+        raise BadStream(f"{dest} already exists here")
+    dest.parent.parent.mkdir(mode=0o700, exist_ok=True)
+    dest.parent.mkdir(mode=0o700, exist_ok=True)
+    progress(f"volume {v.path}")
+    journal.note("subvolume", path=str(dest))
+    made.append(dest)
+    proc = subprocess.Popen(["btrfs", "receive", "-q", str(dest.parent)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        s.payload(proc.stdin.write)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        err = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise BadStream(f"btrfs receive of volume {v.path} failed: {err}")
+    if not dest.exists():
+        raise BadStream(f"the stream's snapshot of {v.path} is not named {dest.name}")
+
+
+def _btrfs_parent(volume: Path) -> None:
+    """The volume's parent must be a directory on btrfs: snapshots are received beside it."""
+    parent = volume.parent
+    if not parent.is_dir():
+        raise BadStream(f"{parent} does not exist here: mount the btrfs filesystem that will "
+                        f"hold {volume} first")
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(parent)], capture_output=True,
+                         text=True)
+    if out.stdout.strip() != "btrfs":
+        raise BadStream(f"{parent} is not on a btrfs filesystem ({out.stdout.strip()}): "
+                        f"cannot receive the snapshot of {volume}")
+
