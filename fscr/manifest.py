@@ -131,6 +131,7 @@ class Manifest(Record):
     id: Id
     created: str
     hostname: str
+    job: Id | None  # the backup job that made it, if any
     backend: Literal["criu", "freeze-only"]
     snapshot: Literal["btrfs", "none"]
     mode: Literal["leave-running", "kill"]

@@ -59,6 +59,7 @@ class CheckpointRequest:
     kill: bool = False
     tcp: str = "refuse"
     allow: frozenset[str] = frozenset()
+    job: str | None = None  # the backup job that made it (fscr backup), for pruning
     id: str | None = None
     store: str | None = None
     max_freeze: float = 30.0
@@ -296,6 +297,7 @@ class _Checkpoint:
             id=self.id,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             hostname=socket.gethostname(),
+            job=self.req.job,
             backend=self.backend.name,
             snapshot=self.provider.name,
             mode="kill" if self.req.kill else "leave-running",
