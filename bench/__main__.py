@@ -1,0 +1,295 @@
+"""fscr benchmarks: the freeze window, total time and bytes written, against the alternatives.
+
+    sudo .venv/bin/python -m bench [--full] [--runs N] [--out DIR]
+
+Sets up its own loopback btrfs volume and workloads, runs every configuration several times
+(median reported), and writes results.json, results.md and PNG plots to DIR (default
+results/). Configurations, each on the same workload in the same run:
+
+  fscr         fscr checkpoint: btrfs snapshot + relink + CRIU with external files
+  criu         CRIU alone, unlinked files as ghost files (--ghost-limit raised), no fs copy
+  criu+tar     CRIU, plus a tar of the volume's data taken while frozen (the way container
+               checkpoints export their root filesystem)
+  freeze-only  fscr --backend freeze-only (snapshot only)
+
+The short mode (default) sweeps a little of everything in under two minutes; --full runs
+the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file of 10 MB and 1 GB; RSS
+64 MB and 1 GB; 1, 10 and 100 processes) in under twenty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fscr.backends.criu import require as find_criu
+from fscr.process import freezer
+
+HERE = Path(__file__).resolve().parent
+FSCR = Path(sys.executable).parent / "fscr"
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    data_mb: int = 100  # regular file data on the volume
+    unlinked_mb: int = 0  # one unlinked-but-open file of this size (nlink 0)
+    rss_mb: int = 64  # memory the workload holds
+    procs: int = 1  # processes in the tree
+
+    def label(self) -> str:
+        return (f"data {self.data_mb} MB, unlinked {self.unlinked_mb} MB, "
+                f"rss {self.rss_mb} MB, {self.procs} proc")
+
+
+@dataclass
+class Result:
+    case: Case
+    config: str
+    freeze_s: float
+    total_s: float
+    written_bytes: int
+    restore_s: float | None = None
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Bed:
+    """A loopback btrfs filesystem with a volume, a store, and a workload in a cgroup."""
+
+    def __init__(self, root: Path, size_gb: int) -> None:
+        self.root, self.mnt = root, root / "mnt"
+        self.vol, self.store = self.mnt / "vol", root / "store"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        img = root / "bench.img"
+        with open(img, "wb") as f:
+            f.truncate(size_gb << 30)
+        self.loop = sh("losetup", "--find", "--show", str(img))
+        sh("mkfs.btrfs", "-q", self.loop)
+        sh("mount", self.loop, str(self.mnt))
+        self.pid: int | None = None
+        self.cg = freezer.ensure(f"{freezer.FSCR_GROUP}/bench")
+
+    def close(self) -> None:
+        self.stop()
+        self.cg.remove()
+        subprocess.run(["umount", str(self.mnt)], check=False)
+        subprocess.run(["losetup", "-d", self.loop], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def prepare(self, case: Case) -> None:
+        self.stop()
+        for p in (self.vol, self.mnt / ".fscr-snapshots"):
+            if p.exists():
+                subprocess.run(["btrfs", "subvolume", "delete", "-R", str(p)],
+                               capture_output=True)
+                subprocess.run(["btrfs", "subvolume", "delete", *map(str, p.glob("*/*"))],
+                               capture_output=True)
+                shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(self.store, ignore_errors=True)
+        sh("btrfs", "subvolume", "create", str(self.vol))
+        block = os.urandom(MB)
+        with open(self.vol / "data", "wb") as f:
+            for _ in range(case.data_mb):
+                f.write(block)
+        os.sync()
+        args = [sys.executable, str(HERE / "workload.py"), str(self.vol), str(case.rss_mb),
+                str(case.unlinked_mb), str(case.procs)]
+        out = subprocess.run([str(FSCR), "run", "--name", "bench", "--json", "--", *args],
+                             check=True, capture_output=True, text=True)
+        self.pid = json.loads(out.stdout)["pid"]
+        deadline = time.monotonic() + 600
+        while not (self.vol / "ready").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workload did not get ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for pid in self.cg.procs():
+            os.kill(pid, signal.SIGKILL)
+        while self.cg.procs():
+            time.sleep(0.05)
+
+    def fscr(self, *args: str) -> dict:
+        out = subprocess.run([str(FSCR), *args, "--json"], capture_output=True, text=True,
+                             env=os.environ | {"FSCR_STORE": str(self.store)})
+        if out.returncode != 0:
+            raise RuntimeError(f"fscr {' '.join(args)}: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def run_fscr(bed: Bed, backend: str, restore: bool) -> Result:
+    t0 = time.monotonic()
+    m = bed.fscr("checkpoint", "--pid", str(bed.pid), "--volume", str(bed.vol), "--backend",
+                 backend, *(["--kill"] if restore else []))
+    total = time.monotonic() - t0
+    copied = sum(r["size"] for r in m["relinks"] if r["method"] == "copy")
+    res = Result(Case(), "fscr" if backend == "criu" else "freeze-only",
+                 m["durations"]["freeze_window"], total, m["image_bytes"] + copied)
+    if restore:
+        t0 = time.monotonic()
+        bed.fscr("restore", m["id"])
+        res.restore_s = time.monotonic() - t0
+    return res
+
+
+def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
+    """CRIU on the same frozen cgroup, the way one would use it alone: unlinked files as
+    ghost files, and (criu+tar) the volume's data copied out while frozen."""
+    criu = find_criu()
+    images = bed.root / "criu-images"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir()
+    cg = freezer.cgroup_of(bed.pid)
+    t0 = time.monotonic()
+    cg.freeze()
+    try:
+        subprocess.run([criu, "dump", "-t", str(bed.pid), "-D", str(images), "-o", "dump.log",
+                        "--freeze-cgroup", str(cg.path), "--ghost-limit", "4G",
+                        *([] if restore else ["--leave-running"])], check=True,
+                       capture_output=True)
+        if tar:
+            subprocess.run(["tar", "-C", str(bed.vol), "--exclude", "./ready", "-cf",
+                            str(images / "volume.tar"), "."], check=True, capture_output=True)
+    finally:
+        cg.thaw()
+        freeze = time.monotonic() - t0
+    res = Result(Case(), "criu+tar" if tar else "criu", freeze, freeze, du(images))
+    if restore:
+        while bed.cg.procs():
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
+                        "--restore-detached"], check=True, capture_output=True)
+        res.restore_s = time.monotonic() - t0
+    shutil.rmtree(images, ignore_errors=True)
+    return res
+
+
+def disk_bandwidth(bed: Bed) -> float:
+    """MB/s of a 512 MB write (dd, fdatasync) to the same filesystem: the floor for dumping."""
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={bed.mnt}/dd.bin", "bs=1M", "count=512",
+                    "conv=fdatasync"], check=True, capture_output=True)
+    secs = time.monotonic() - t0
+    (bed.mnt / "dd.bin").unlink()
+    return 512 / secs
+
+
+def cases(full: bool) -> list[Case]:
+    if not full:
+        return [Case(), Case(data_mb=1024), Case(unlinked_mb=100), Case(procs=10)]
+    out = [Case(data_mb=d) for d in (100, 1024, 4096)]
+    out += [Case(unlinked_mb=u) for u in (10, 1024)]
+    out += [Case(rss_mb=1024)]
+    out += [Case(procs=p) for p in (10, 100)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="the full sweeps (under 20 minutes)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per configuration (median)")
+    ap.add_argument("--out", default="results", help="results directory")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bed = Bed(Path("/var/tmp/fscr-bench"), 10 if args.full else 4)
+    results: list[Result] = []
+    try:
+        bandwidth = disk_bandwidth(bed)
+        todo = cases(args.full)
+        for i, case in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {case.label()}", file=sys.stderr, flush=True)
+            for config in ("fscr", "criu", "criu+tar", "freeze-only"):
+                runs = []
+                for r in range(args.runs):
+                    restore = r == 0 and config in ("fscr", "criu")
+                    bed.prepare(case)
+                    res = (run_fscr(bed, "criu", restore) if config == "fscr"
+                           else run_fscr(bed, "freeze-only", False) if config == "freeze-only"
+                           else run_criu(bed, config == "criu+tar", restore))
+                    res.case = case
+                    runs.append(res)
+                    print(f"    {config:<12} run {r + 1}: freeze {res.freeze_s * 1000:8.1f} ms, "
+                          f"written {res.written_bytes / MB:8.1f} MB", file=sys.stderr,
+                          flush=True)
+                results.append(median(runs))
+    finally:
+        bed.close()
+    report = {"disk_write_mb_s": round(bandwidth, 1), "runs": args.runs,
+              "results": [asdict(r) for r in results]}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+    plots(report, out)
+    print((out / "results.md").read_text())
+
+
+def median(runs: list[Result]) -> Result:
+    first = runs[0]
+    return Result(first.case, first.config,
+                  statistics.median(r.freeze_s for r in runs),
+                  statistics.median(r.total_s for r in runs),
+                  int(statistics.median(r.written_bytes for r in runs)),
+                  next((r.restore_s for r in runs if r.restore_s is not None), None))
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Disk write bandwidth (dd, same filesystem): {report['disk_write_mb_s']} MB/s; "
+             f"median of {report['runs']} runs.", "",
+             "| case | config | freeze window (ms) | total (ms) | written (MB) | restore (ms) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        case = Case(**r["case"]).label()
+        restore = f"{r['restore_s'] * 1000:.0f}" if r["restore_s"] is not None else ""
+        lines.append(f"| {case} | {r['config']} | {r['freeze_s'] * 1000:.1f} | "
+                     f"{r['total_s'] * 1000:.0f} | {r['written_bytes'] / MB:.1f} | {restore} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = report["results"]
+    labels = list(dict.fromkeys(Case(**r["case"]).label() for r in rows))
+    configs = ["fscr", "criu", "criu+tar", "freeze-only"]
+    for metric, title, scale in (("freeze_s", "freeze window (ms)", 1000),
+                                 ("written_bytes", "bytes written (MB)", 1 / MB)):
+        fig, ax = plt.subplots(figsize=(10, 4 + len(labels) * 0.3))
+        width = 0.2
+        for i, c in enumerate(configs):
+            vals = [next((r[metric] * scale for r in rows if r["config"] == c
+                          and Case(**r["case"]).label() == lab), 0) for lab in labels]
+            ax.barh([y + i * width for y in range(len(labels))], vals, width, label=c)
+        ax.set_yticks([y + 1.5 * width for y in range(len(labels))], labels)
+        ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png")
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
