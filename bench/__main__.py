@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fscr.backends.criu import require as find_criu
+from fscr.names import FSCR_GROUP
 from fscr.process import freezer
 
 HERE = Path(__file__).resolve().parent
@@ -59,6 +60,7 @@ class Result:
     total_s: float
     written_bytes: int
     restore_s: float | None = None
+    stages: dict | None = None  # fscr's own stage times
 
 
 def sh(*argv: str) -> str:
@@ -79,7 +81,7 @@ class Bed:
         sh("mkfs.btrfs", "-q", self.loop)
         sh("mount", self.loop, str(self.mnt))
         self.pid: int | None = None
-        self.cg = freezer.ensure(f"{freezer.FSCR_GROUP}/bench")
+        self.cg = freezer.ensure(f"{FSCR_GROUP}/bench")
 
     def close(self) -> None:
         self.stop()
@@ -142,10 +144,17 @@ def run_fscr(bed: Bed, backend: str, restore: bool) -> Result:
     res = Result(Case(), "fscr" if backend == "criu" else "freeze-only",
                  m["durations"]["freeze_window"], total, m["image_bytes"] + copied)
     if restore:
+        wait_pids_free([bed.pid])  # as for CRIU alone: the time to reap is not the restore's
         t0 = time.monotonic()
         bed.fscr("restore", m["id"])
         res.restore_s = time.monotonic() - t0
+    res.stages = m["durations"]
     return res
+
+
+def wait_pids_free(pids: list[int]) -> None:
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.02)
 
 
 def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
@@ -171,11 +180,15 @@ def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
         freeze = time.monotonic() - t0
     res = Result(Case(), "criu+tar" if tar else "criu", freeze, freeze, du(images))
     if restore:
-        while bed.cg.procs():
-            time.sleep(0.02)
+        wait_pids_free([int(p.name.split("-")[1].split(".")[0])
+                        for p in images.glob("core-*.img")])  # CRIU needs the PIDs free
         t0 = time.monotonic()
-        subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
-                        "--restore-detached"], check=True, capture_output=True)
+        out = subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
+                              "--restore-detached"], capture_output=True)
+        if out.returncode != 0:
+            log = (images / "restore.log").read_text(errors="replace").splitlines()
+            raise RuntimeError("criu restore failed: " + " | ".join(
+                x for x in log if "Error" in x)[-500:])
         res.restore_s = time.monotonic() - t0
     shutil.rmtree(images, ignore_errors=True)
     return res

@@ -84,6 +84,19 @@ class Report:
                 "unchanged": [asdict(x) for x in self.unchanged], "needs": sorted(self.needs)}
 
 
+class Holders:
+    """Who holds which pipe or socket, over every process: built on first use only, as the
+    scan of all processes is the costliest part of a preflight (it also runs while frozen)."""
+
+    def __init__(self) -> None:
+        self._map: dict[str, set[int]] | None = None
+
+    def of(self, target: str) -> set[int]:
+        if self._map is None:
+            self._map = _holders()
+        return self._map.get(target, set())
+
+
 def _holders() -> dict[str, set[int]]:
     """{fd link target ("pipe:[N]", "socket:[N]"): PIDs holding it}, over every process."""
     out: dict[str, set[int]] = {}
@@ -127,7 +140,7 @@ def _fifo_holders(dev: int, ino: int, tree: set[int]) -> list[int]:
     return out
 
 
-def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: dict[str, set[int]],
+def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: Holders,
               r: Report) -> None:
     base = f"/proc/{t.pid}/fd"
     try:
@@ -138,11 +151,15 @@ def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: dict[str, set[in
         try:
             target = os.readlink(f"{base}/{n}")
             st = os.stat(f"{base}/{n}")
-            flags = int(open(f"/proc/{t.pid}/fdinfo/{n}").read().split("flags:")[1].split()[0], 8)
+            with open(f"/proc/{t.pid}/fdinfo/{n}") as f:
+                info = f.read()
+            flags = int(info.split("flags:")[1].split()[0], 8)
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
+        if "\nlock:" in info:  # fdinfo lists the file locks held through this fd
+            r.needs.add("file-locks")
         if target.startswith("pipe:["):
-            outside = sorted(holders.get(target, set()) - tree)
+            outside = sorted(holders.of(target) - tree)
             if outside:
                 r.leaks.append(Leak("pipes", t.pid, f"fd {n} {target}",
                                     "other end held by " + ", ".join(map(_comm, outside))))
@@ -198,12 +215,12 @@ def _scan_maps(t: Task, devs: set[int], r: Report, seen: set[str], shared_ipc: b
             r.unchanged.append(Unchanged(path, st.st_size, st.st_mtime_ns))
 
 
-def _scan_unix(tasks: list[Task], tree: set[int], holders: dict[str, set[int]],
+def _scan_unix(tasks: list[Task], tree: set[int], holders: Holders,
                r: Report) -> None:
     r.sockets = sockets_mod.scan(tasks)
     for s in r.sockets:
         if s.family == "unix" and s.remote:
-            outside = sorted(holders.get(f"socket:[{s.remote}]", set()) - tree)
+            outside = sorted(holders.of(f"socket:[{s.remote}]") - tree)
             if outside:
                 r.leaks.append(Leak("unix-sockets", s.pid,
                                     f"fd {s.fd} unix {s.type} {s.local or '(unnamed)'}",
@@ -240,19 +257,10 @@ def _scan_namespaces(root: int, tree: set[int], r: Report) -> None:
                 continue
 
 
-def _file_locks(tree: set[int]) -> bool:
-    try:
-        lines = open("/proc/locks").read().splitlines()
-    except FileNotFoundError:
-        return False
-    return any(int(f[4]) in tree for line in lines if len(f := line.split()) > 4
-               and f[4].isdigit())
-
-
 def run(tasks: list[Task], devs: set[int]) -> Report:
     """The preflight report for `tasks` (root first) with volumes on devices `devs`."""
     tree = {t.pid for t in tasks}
-    holders = _holders()
+    holders = Holders()
     r = Report()
     seen: set[str] = set()
     shared_ipc = os.stat(f"/proc/{tasks[0].pid}/ns/ipc").st_ino == host_ns("ipc")
@@ -261,8 +269,6 @@ def run(tasks: list[Task], devs: set[int]) -> Report:
         _scan_maps(t, devs, r, seen, shared_ipc)
     _scan_unix(tasks, tree, holders, r)
     _scan_namespaces(tasks[0].pid, tree, r)
-    if _file_locks(tree):
-        r.needs.add("file-locks")
     r.unchanged = sorted(set(r.unchanged), key=lambda u: u.path)
     return r
 

@@ -25,9 +25,9 @@ class OpenFile:
     source: str  # the /proc magic link that reaches the open inode
     path: str  # the path the kernel shows, without " (deleted)"
     deleted: bool  # the path no longer names this inode
-    flags: int  # open flags (fdinfo); O_RDONLY for mappings and the executable
+    flags: int  # open flags (fdinfo), for unlinked fds; O_RDONLY otherwise
     pos: int
-    mnt_id: int
+    mnt_id: int  # 0 unless deleted (only unlinked files need CRIU's external key)
     dev: int
     ino: int
     nlink: int
@@ -65,13 +65,18 @@ def _is_deleted(target: str, st: os.stat_result) -> bool:
 
 
 def _record(pid: int, fd: int, kind: str, source: str) -> OpenFile | None:
-    """The OpenFile behind magic link `source`, or None if it is gone or not a regular file."""
+    """The OpenFile behind magic link `source`, or None if it is gone or not a regular file.
+    Flags, offset and mount id are read only for unlinked files, the ones relinked: this
+    scan runs inside the frozen window."""
     try:
         target = os.readlink(source)
         st = os.stat(source)  # follows the magic link: the open inode itself
         if not stat.S_ISREG(st.st_mode):
             return None
-        if kind == "fd":
+        deleted = _is_deleted(target, st)
+        if not deleted:
+            info, flags, pos = {"mnt_id": "0"}, 0, 0
+        elif kind == "fd":
             info = _fdinfo(f"/proc/{pid}/fdinfo/{fd}")
             flags, pos = int(info["flags"], 8), int(info["pos"])
         else:  # no fdinfo for these: an O_PATH fd of our own tells the mount id
@@ -83,7 +88,6 @@ def _record(pid: int, fd: int, kind: str, source: str) -> OpenFile | None:
             flags, pos = os.O_RDONLY, 0
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    deleted = _is_deleted(target, st)
     path = target[: -len(DELETED)] if deleted and target.endswith(DELETED) else target
     return OpenFile(pid=pid, fd=fd, kind=kind, source=source, path=path, deleted=deleted,
                     flags=flags, pos=pos, mnt_id=int(info["mnt_id"]), dev=st.st_dev,
