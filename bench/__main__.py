@@ -81,6 +81,7 @@ class Bed:
         sh("mkfs.btrfs", "-q", self.loop)
         sh("mount", self.loop, str(self.mnt))
         self.pid: int | None = None
+        self.case: Case | None = None
         self.cg = freezer.ensure(f"{FSCR_GROUP}/bench")
 
     def close(self) -> None:
@@ -91,21 +92,28 @@ class Bed:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def prepare(self, case: Case) -> None:
+        """A fresh workload of `case`; the volume's data is written once per case (a restore
+        puts back the same data), the snapshots and images of earlier runs are removed."""
         self.stop()
-        for p in (self.vol, self.mnt / ".fscr-snapshots"):
-            if p.exists():
-                subprocess.run(["btrfs", "subvolume", "delete", "-R", str(p)],
-                               capture_output=True)
-                subprocess.run(["btrfs", "subvolume", "delete", *map(str, p.glob("*/*"))],
-                               capture_output=True)
-                shutil.rmtree(p, ignore_errors=True)
+        subvolumes = [*self.mnt.glob(".fscr-snapshots/*/*")]
+        if case != self.case:
+            subvolumes.append(self.vol)
+        subprocess.run(["btrfs", "subvolume", "delete", *map(str, filter(Path.exists,
+                                                                        subvolumes))],
+                       capture_output=True)
+        shutil.rmtree(self.mnt / ".fscr-snapshots", ignore_errors=True)
         shutil.rmtree(self.store, ignore_errors=True)
-        sh("btrfs", "subvolume", "create", str(self.vol))
-        block = os.urandom(MB)
-        with open(self.vol / "data", "wb") as f:
-            for _ in range(case.data_mb):
-                f.write(block)
-        os.sync()
+        if case != self.case:
+            # Deleted subvolumes are freed in the background: wait, or the data may not fit.
+            subprocess.run(["btrfs", "subvolume", "sync", str(self.mnt)], capture_output=True)
+            sh("btrfs", "subvolume", "create", str(self.vol))
+            block = os.urandom(MB)
+            with open(self.vol / "data", "wb") as f:
+                for _ in range(case.data_mb):
+                    f.write(block)
+            os.sync()
+            self.case = case
+        (self.vol / "ready").unlink(missing_ok=True)
         args = [sys.executable, str(HERE / "workload.py"), str(self.vol), str(case.rss_mb),
                 str(case.unlinked_mb), str(case.procs)]
         out = subprocess.run([str(FSCR), "run", "--name", "bench", "--json", "--", *args],
@@ -194,13 +202,38 @@ def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
     return res
 
 
-def disk_bandwidth(bed: Bed) -> float:
-    """MB/s of a 512 MB write (dd, fdatasync) to the same filesystem: the floor for dumping."""
+def send_sizes(bed: Bed, data_mb: int, change_mb: int) -> dict:
+    """Size and time of a full stream, and of an incremental one after a `change_mb` change."""
+    bed.prepare(Case(data_mb=data_mb))
+    out = {}
+    first = bed.fscr("checkpoint", "--pid", str(bed.pid), "--volume", str(bed.vol))
+    with open(bed.vol / "data", "r+b") as f:
+        f.seek(data_mb * MB // 3)
+        f.write(os.urandom(change_mb * MB))
+    second = bed.fscr("checkpoint", "--pid", str(bed.pid), "--volume", str(bed.vol))
+    for kind, args in (("full", [first["id"]]),
+                       ("incremental", [second["id"], "--parent", first["id"]])):
+        stream = bed.root / "stream"
+        t0 = time.monotonic()
+        with open(stream, "wb") as f:
+            subprocess.run([str(FSCR), "send", *args], stdout=f, check=True,
+                           stderr=subprocess.DEVNULL,
+                           env=os.environ | {"FSCR_STORE": str(bed.store)})
+        out[kind] = {"bytes": stream.stat().st_size, "seconds": round(time.monotonic() - t0, 3)}
+        stream.unlink()
+    out["data_mb"], out["change_mb"] = data_mb, change_mb
+    return out
+
+
+def write_bandwidth(where: Path, sync: bool) -> float:
+    """MB/s of a 512 MB write (dd) to the store's filesystem, where CRIU writes its images:
+    with fdatasync, the disk; without, the page cache (CRIU does not sync). The floor for a
+    dump of N MB of memory is N over this."""
     t0 = time.monotonic()
-    subprocess.run(["dd", "if=/dev/zero", f"of={bed.mnt}/dd.bin", "bs=1M", "count=512",
-                    "conv=fdatasync"], check=True, capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={where}/dd.bin", "bs=1M", "count=512",
+                    *(["conv=fdatasync"] if sync else [])], check=True, capture_output=True)
     secs = time.monotonic() - t0
-    (bed.mnt / "dd.bin").unlink()
+    (where / "dd.bin").unlink()
     return 512 / secs
 
 
@@ -222,10 +255,11 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bed = Bed(Path("/var/tmp/fscr-bench"), 10 if args.full else 4)
+    bed = Bed(Path("/var/tmp/fscr-bench"), 24 if args.full else 8)  # a sparse image
     results: list[Result] = []
     try:
-        bandwidth = disk_bandwidth(bed)
+        bandwidth = {"disk_write_mb_s": round(write_bandwidth(bed.root, True), 1),
+                     "cache_write_mb_s": round(write_bandwidth(bed.root, False), 1)}
         todo = cases(args.full)
         for i, case in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {case.label()}", file=sys.stderr, flush=True)
@@ -243,10 +277,12 @@ def main() -> None:
                           f"written {res.written_bytes / MB:8.1f} MB", file=sys.stderr,
                           flush=True)
                 results.append(median(runs))
+        print("send: full and incremental streams", file=sys.stderr, flush=True)
+        sent = send_sizes(bed, 1024, 10)
     finally:
         bed.close()
-    report = {"disk_write_mb_s": round(bandwidth, 1), "runs": args.runs,
-              "results": [asdict(r) for r in results]}
+    report = {**bandwidth, "runs": args.runs,
+              "results": [asdict(r) for r in results], "send": sent}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
     plots(report, out)
@@ -259,12 +295,14 @@ def median(runs: list[Result]) -> Result:
                   statistics.median(r.freeze_s for r in runs),
                   statistics.median(r.total_s for r in runs),
                   int(statistics.median(r.written_bytes for r in runs)),
-                  next((r.restore_s for r in runs if r.restore_s is not None), None))
+                  next((r.restore_s for r in runs if r.restore_s is not None), None),
+                  first.stages)
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Disk write bandwidth (dd, same filesystem): {report['disk_write_mb_s']} MB/s; "
-             f"median of {report['runs']} runs.", "",
+    lines = [f"Write bandwidth to the store's filesystem (dd, 512 MB): "
+             f"{report['disk_write_mb_s']} MB/s with fdatasync, {report['cache_write_mb_s']} "
+             f"MB/s into the page cache; median of {report['runs']} runs.", "",
              "| case | config | freeze window (ms) | total (ms) | written (MB) | restore (ms) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
@@ -272,6 +310,13 @@ def markdown(report: dict) -> str:
         restore = f"{r['restore_s'] * 1000:.0f}" if r["restore_s"] is not None else ""
         lines.append(f"| {case} | {r['config']} | {r['freeze_s'] * 1000:.1f} | "
                      f"{r['total_s'] * 1000:.0f} | {r['written_bytes'] / MB:.1f} | {restore} |")
+    s = report["send"]
+    lines += ["", f"fscr send, {s['data_mb']} MB volume, then a {s['change_mb']} MB change:", "",
+              "| stream | bytes | seconds |", "| --- | ---: | ---: |"]
+    for kind in ("full", "incremental"):
+        lines.append(f"| {kind} | {s[kind]['bytes']} | {s[kind]['seconds']} |")
+    ratio = s["incremental"]["bytes"] / s["full"]["bytes"]
+    lines.append(f"\nThe incremental stream is {ratio:.1%} of the full one.")
     return "\n".join(lines) + "\n"
 
 

@@ -33,9 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from . import locks, names, pipeline, preflight, retention
 from .errors import BadInput, Busy, FscrError
 from .process.target import Target
+from .retention import Policy
 from .store import Store
-
-Count = Annotated[int, Field(ge=0, le=100000)]
 
 
 class _Section(BaseModel):
@@ -63,15 +62,6 @@ class BackendSection(_Section):
     kind: Literal["criu", "freeze-only"] = "criu"
 
 
-class RetentionSection(_Section):
-    keep_last: Count = 0
-    hourly: Count = 0
-    daily: Count = 0
-    weekly: Count = 0
-    monthly: Count = 0
-    yearly: Count = 0
-
-
 class Job(_Section):
     name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
     store: str | None = None
@@ -80,11 +70,7 @@ class Job(_Section):
     target: TargetSection
     snapshot: SnapshotSection
     backend: BackendSection = BackendSection()
-    retention: RetentionSection = RetentionSection()
-
-    @property
-    def policy(self) -> retention.Policy:
-        return retention.Policy(**self.retention.model_dump())
+    retention: Policy = Policy()
 
 
 def load(path: str) -> Job:
@@ -173,7 +159,7 @@ def prune(job: Job, dry_run: bool, now: datetime | None = None) -> retention.Dec
     store = Store.open(job.store)
     mine = [(m.id, datetime.fromisoformat(m.created)) for m in store.list() if m.job == job.name]
     tz = datetime.now().astimezone().tzinfo or UTC
-    decision = retention.apply_policy(mine, job.policy, tz, now or datetime.now(UTC))
+    decision = retention.apply_policy(mine, job.retention, tz, now or datetime.now(UTC))
     if not dry_run:
         for cid in decision.remove:
             pipeline.delete(cid, job.store)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import locks, relink, snapshot
+from . import locks, pipeline, relink, snapshot
 from .backends import criu
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
@@ -40,6 +40,7 @@ class Plan:
 
     run: Run
     steps: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    then: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # after unlocking
 
     def add(self, what: str, do: Callable[[], Any]) -> None:
         self.steps.append((what, do))
@@ -100,16 +101,20 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
     if draft is not None and draft.netlock is not None:
         plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(draft))
     if not store.committed(run.id):
-        provider = snapshot.get(run.begin.get("snapshot", "btrfs"))
-        for e in run.events("snapshot"):
-            path = snapshot_path(Path(e["volume"]), run.id, e["n"])
-            if path.exists() or path.parent.exists():
-                plan.add(f"delete half-made snapshot {path}",
-                         lambda p=path: provider.delete(str(p)))
-        if store.exists(run.id):
-            plan.add(f"remove unfinished checkpoint directory {store.dir(run.id)}",
-                     lambda: store.remove(run.id))
+        _unfinished_steps(plan, store, [snapshot_path(Path(e["volume"]), run.id, e["n"])
+                                        for e in run.events("snapshot")])
     return plan
+
+
+def _unfinished_steps(plan: Plan, store: Store, snapshots: list[Path]) -> None:
+    """Remove an uncommitted checkpoint: the snapshots its run made, then its directory."""
+    provider = snapshot.get(plan.run.begin.get("snapshot", "btrfs"))
+    for path in snapshots:
+        if path.exists() or path.parent.exists():
+            plan.add(f"delete half-made snapshot {path}", lambda p=path: provider.delete(str(p)))
+    if store.exists(plan.run.id):
+        plan.add(f"remove unfinished checkpoint directory {store.dir(plan.run.id)}",
+                 lambda: store.remove(plan.run.id))
 
 
 def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
@@ -144,6 +149,14 @@ def plan_restore(store: Store, run: Run) -> Plan:
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
+    killed = [Task(p, s) for e in run.events("kill") for p, s in e.get("tasks", [])]
+    if killed and m is not None and not any(t.alive() for t in killed):
+        # --replace had killed the old tree: undoing the swaps alone would leave the workload
+        # down, so gc finishes what the user asked for, from a clean state.
+        plan.then.append((f"restore checkpoint {run.id} again (its old tree was killed by "
+                          "--replace before fscr died)",
+                          lambda: pipeline.restore(run.id, str(store.root), replace=True,
+                                                   force=True)))
     copies = {e["volume"]: e["copy"] for e in run.events("copy")}
     for e in reversed(swaps):
         vol, rescue = Path(e["volume"]), Path(e["rescue"])
@@ -161,17 +174,8 @@ def plan_restore(store: Store, run: Run) -> Plan:
 
 def plan_receive(store: Store, run: Run) -> Plan:
     plan = Plan(run)
-    if store.committed(run.id):
-        return plan
-    provider = snapshot.get(run.begin.get("snapshot", "btrfs"))
-    for e in run.events("subvolume"):
-        path = Path(e["path"])
-        if path.exists() or path.parent.exists():
-            plan.add(f"delete half-received snapshot {path}",
-                     lambda p=path: provider.delete(str(p)))
-    if store.exists(run.id):
-        plan.add(f"remove half-received checkpoint directory {store.dir(run.id)}",
-                 lambda: store.remove(run.id))
+    if not store.committed(run.id):
+        _unfinished_steps(plan, store, [Path(e["path"]) for e in run.events("subvolume")])
     return plan
 
 
@@ -202,16 +206,19 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
         forget = f"remove journal {run.path.name}"
         if dry_run:
+            p = plan(store, run)
             entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
-                                for c in _criu(run)] + [w for w, _ in plan(store, run).steps]
-            entry["actions"].append(forget)
+                                for c in _criu(run)] + [w for w, _ in p.steps] + [forget]
+            entry["actions"] += [w for w, _ in p.then]
             continue
+        p = None
         try:
             with locks.hold(_lock_keys(run), wait=0):
                 for c in _criu(run):
                     entry["actions"].append(f"waited for CRIU (PID {c.pid})")
                     settle(c, grace)
-                for what, do in plan(store, run).steps:
+                p = plan(store, run)
+                for what, do in p.steps:
                     try:
                         do()
                         entry["actions"].append(what)
@@ -223,4 +230,11 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         except Busy as e:
             entry["done"] = False
             entry["errors"].append(f"skipped, another run holds its lock: {e}")
+        if p is not None and not entry["errors"]:
+            for what, do in p.then:  # these take the locks themselves
+                try:
+                    do()
+                    entry["actions"].append(what)
+                except (OSError, FscrError) as e:
+                    entry["errors"].append(f"{what}: {e}")
     return report

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 RULES: dict[str, Callable[[datetime], tuple[int, ...]]] = {
     "hourly": lambda t: (t.year, t.month, t.day, t.hour),
@@ -22,14 +25,21 @@ RULES: dict[str, Callable[[datetime], tuple[int, ...]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Policy:
-    keep_last: int = 0
-    hourly: int = 0
-    daily: int = 0
-    weekly: int = 0
-    monthly: int = 0
-    yearly: int = 0
+Count = Annotated[int, Field(ge=0, le=100000)]
+
+
+class Policy(BaseModel):
+    """Counts per rule; 0 turns a rule off. Also the [retention] table of a backup job, so it
+    validates what a job file gives it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    keep_last: Count = 0
+    hourly: Count = 0
+    daily: Count = 0
+    weekly: Count = 0
+    monthly: Count = 0
+    yearly: Count = 0
 
     def empty(self) -> bool:
         return not any((self.keep_last, self.hourly, self.daily, self.weekly, self.monthly,

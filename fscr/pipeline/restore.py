@@ -175,7 +175,7 @@ class _Restore:
     def make_room(self, live: list[Task]) -> None:
         """Kill the still-running tree (--replace) and wait until every PID of the image is
         free: CRIU restores the original PIDs."""
-        self.journal.note("kill", pids=[x.pid for x in live])
+        self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in live])
         for x in live:
             if x.alive():
                 try:
