@@ -137,7 +137,7 @@ class Criu:
 
     def dump(self, req: DumpRequest, started: Callable[[int], None]) -> str | None:
         argv = [require(), "dump", "-t", str(req.root_pid), "-D", str(req.images),
-                "-o", str(req.log), "-v4", "--freeze-cgroup", str(req.freeze_cgroup)]
+                "-o", str(req.log), "-v3", "--freeze-cgroup", str(req.freeze_cgroup)]
         if req.leave_running:
             argv.append("--leave-running")
         argv += _tcp_options(req.tcp) + _options(req.options)
