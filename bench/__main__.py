@@ -12,8 +12,8 @@ results/). Configurations, each on the same workload in the same run:
                checkpoints export their root filesystem)
   freeze-only  fscr --backend freeze-only (snapshot only)
 
-The short mode (default) sweeps a little of everything in under two minutes; --full runs
-the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file of 10 MB and 1 GB; RSS
+The short mode (default) sweeps a little of everything (about four minutes on a 2-core
+machine); --full runs the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file of 10 MB and 1 GB; RSS
 64 MB and 1 GB; 1, 10 and 100 processes) in under twenty.
 """
 
@@ -249,7 +249,7 @@ def cases(full: bool) -> list[Case]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="the full sweeps (under 20 minutes)")
+    ap.add_argument("--full", action="store_true", help="the full sweeps")
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (median)")
     ap.add_argument("--out", default="results", help="results directory")
     args = ap.parse_args()
