@@ -13,8 +13,8 @@ results/). Configurations, each on the same workload in the same run:
   freeze-only  fscr --backend freeze-only (snapshot only)
 
 The short mode (default) sweeps a little of everything (about four minutes on a 2-core
-machine); --full runs the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file of 10 MB and 1 GB; RSS
-64 MB and 1 GB; 1, 10 and 100 processes) in under twenty.
+machine); --full runs the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file
+of 10 MB and 1 GB; RSS 64 MB and 1 GB; 1, 10 and 100 processes).
 """
 
 from __future__ import annotations
