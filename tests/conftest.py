@@ -162,6 +162,17 @@ class Workloads:
         self.cgroups.clear()
 
 
+def counter_with_neighbour(workloads: Workloads, vol: Path) -> tuple[int, int, freezer.Cgroup]:
+    """A counter on `vol` and a second, unrelated counter (on vol/n) moved into the same
+    cgroup: a tree that is not alone in its cgroup. Returns both PIDs and the cgroup."""
+    pid, _ = workloads.start("counter", str(vol))
+    cg = freezer.cgroup_of(pid)
+    (vol / "n").mkdir()
+    neighbour, _ = workloads.start("counter", str(vol / "n"))
+    cg.add(neighbour)
+    return pid, neighbour, cg
+
+
 @pytest.fixture
 def workloads() -> Iterator[Workloads]:
     w = Workloads()

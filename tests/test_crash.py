@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FSCR, alive, fscr, lines, wait_for
+from conftest import FSCR, alive, counter_with_neighbour, fscr, lines, wait_for
 from test_pipeline import checkpoint, grows, relinks_on, restore
 
 from fscr.process import freezer
@@ -85,11 +85,7 @@ def test_checkpoint_killed_at_each_stage_is_recovered_by_gc(event, btrfs_volume,
 def test_killed_checkpoint_of_a_tree_sharing_its_cgroup_puts_it_back(event, btrfs_volume,
                                                                      workloads, store):
     vol = btrfs_volume.path
-    pid, _ = workloads.start("counter", str(vol))
-    cg = freezer.cgroup_of(pid)
-    (vol / "n").mkdir()
-    neighbour, _ = workloads.start("counter", str(vol / "n"))
-    cg.add(neighbour)
+    pid, neighbour, cg = counter_with_neighbour(workloads, vol)
     grows(vol / "history", 3)
 
     crash(store, event, "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash")

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import alive, fscr, lines, wait_for
+from conftest import alive, counter_with_neighbour, fscr, lines, wait_for
 
 
 def relinks_on(volume: Path) -> list[str]:
@@ -247,12 +247,8 @@ def test_tree_sharing_its_cgroup_is_frozen_alone_and_put_back(btrfs_volume, work
     from fscr.process import freezer
 
     vol = btrfs_volume.path
-    pid, name = workloads.start("counter", str(vol))
-    cg = freezer.cgroup_of(pid)
-    (vol / "other").mkdir()
     # A second, unrelated process in the same cgroup: it must never be frozen or dumped.
-    neighbour, _ = workloads.start("counter", str(vol / "other"))
-    cg.add(neighbour)
+    pid, neighbour, cg = counter_with_neighbour(workloads, vol)
     assert sorted(cg.procs()) == sorted([pid, neighbour])
     grows(vol / "history", 3)
 
@@ -260,8 +256,8 @@ def test_tree_sharing_its_cgroup_is_frozen_alone_and_put_back(btrfs_volume, work
     assert len(json.loads(fscr("show", m["id"], "--json", store=store).stdout)["tasks"]) == 1
     assert cg.procs() == [neighbour] and alive(neighbour)
     assert not freezer.at(f"fscr/ckpt_{m['id']}").exists()
-    n = len(lines(vol / "other" / "history"))
-    grows(vol / "other" / "history", n + 3)  # the neighbour ran on
+    n = len(lines(vol / "n" / "history"))
+    grows(vol / "n" / "history", n + 3)  # the neighbour ran on
 
     restore(store, m["id"], "--force")  # the neighbour holds files on the volume
     assert sorted(cg.procs()) == sorted([pid, neighbour])  # back where it lived
