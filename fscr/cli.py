@@ -139,12 +139,20 @@ def run(name: str | None, log: str | None, netns: str | None, as_json: bool,
     emit({"pid": s.pid, "cgroup": s.cgroup}, as_json, lambda: click.echo(s.pid))
 
 
+def target_opts(f: Callable) -> Callable:
+    """The tree and its volumes, as checkpoint and check take them."""
+    for opt in reversed((
+        click.option("--pid", type=int, default=None, help="Root of the tree."),
+        click.option("--cgroup", default=None, help="Every task of this cgroup."),
+        click.option("--name", default=None, help="A workload started with fscr run --name."),
+        click.option("--volume", "volumes", multiple=True, required=True,
+                     help="A btrfs subvolume the tree uses (repeatable)."))):
+        f = opt(f)
+    return f
+
+
 @cli.command()
-@click.option("--pid", type=int, default=None, help="Root of the tree to checkpoint.")
-@click.option("--cgroup", default=None, help="Checkpoint every task of this cgroup.")
-@click.option("--name", default=None, help="A workload started with fscr run --name.")
-@click.option("--volume", "volumes", multiple=True, required=True,
-              help="A btrfs subvolume the tree uses (repeatable).")
+@target_opts
 @click.option("--snapshot", type=click.Choice(["btrfs", "none"]), default="btrfs")
 @click.option("--backend", type=click.Choice(["criu", "freeze-only"]), default="criu")
 @click.option("--leave-running/--kill", default=True,
@@ -170,11 +178,7 @@ def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, tcp
 
 
 @cli.command()
-@click.option("--pid", type=int, default=None, help="Root of the tree to check.")
-@click.option("--cgroup", default=None, help="Check every task of this cgroup.")
-@click.option("--name", default=None, help="A workload started with fscr run --name.")
-@click.option("--volume", "volumes", multiple=True, required=True,
-              help="A volume the checkpoint would snapshot (repeatable).")
+@target_opts
 @tcp_opt
 @allow_opt
 @store_opt

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import preflight
 from .backends import criu
 from .errors import FscrError
 from .names import FSCR_GROUP
@@ -144,7 +145,7 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
                 and st.starttime != t.starttime]
         rows.append(Row("free PIDs", not busy, True, "every PID of the image is free" if not busy
                         else f"PIDs {busy} are used by other processes"))
-        changed = [u.path for u in m.unchanged if not _same(u.path, u.size, u.mtime_ns)]
+        changed = preflight.changed(m.unchanged)
         rows.append(Row("unchanged files", not changed, True,
                         f"{len(m.unchanged)} binaries and libraries as at the checkpoint"
                         if not changed else f"changed or missing: {', '.join(changed[:5])}"))
@@ -159,10 +160,3 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
                         f"snapshot {v.snapshot} present" if ok else f"{v.snapshot} missing"))
     return rows
 
-
-def _same(path: str, size: int, mtime_ns: int) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)

@@ -30,6 +30,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def mounts() -> list[tuple[str, str, str]]:
+    """(fstype, mount point, super options) of every mount, from /proc/self/mountinfo, with
+    the kernel's octal escapes (a space is \\040) decoded in the mount point."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fstype, _src, sopts = post.split(" ")[:3]
+            point = pre.split(" ")[4].encode().decode("unicode_escape")
+            out.append((fstype, point, sopts.strip()))
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

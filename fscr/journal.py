@@ -1,9 +1,10 @@
 """A journal per run: every side effect is noted (and fsynced) before it is made.
 
-<store>/journal/<id>.<op>.<pid>.jsonl holds one JSON object per line: first who runs ("begin",
-with the fscr PID and start time), then each effect ("moved", "freeze", "relink", "snapshot",
-"criu", "swap", ...). A run that finishes removes its journal; one whose owner is gone is
-unfinished, and `fscr gc` reads it to undo or complete what the run did.
+<store>/journal/<id>.<op>.<pid>.jsonl holds one JSON object per line: first who runs
+("begin", with the fscr PID and start time), then each effect ("move", "freeze", "relink",
+"snapshot", "criu", "swap", ...; docs/crash-safety.md lists them). A run that finishes
+removes its journal; one whose owner is gone is unfinished, and `fscr gc` reads it to undo
+or complete what the run did.
 
 Test facilities (docs/testing.md): FSCR_TEST_KILL_AT=<event> makes fscr SIGKILL itself right
 after it noted that event, to prove every stage is recoverable; FSCR_TEST_PAUSE_AT=<event>:<s>

@@ -273,6 +273,21 @@ def run(tasks: list[Task], devs: set[int]) -> Report:
     return r
 
 
+def changed(files: list) -> list[str]:  # noqa: ANN001 - Unchanged or the manifest's record
+    """Paths of recorded read-only files (path, size, mtime_ns) that are missing or differ
+    now: restore refuses, doctor --for reports them."""
+    out = []
+    for u in files:
+        try:
+            st = os.stat(u.path)
+            if (st.st_size, st.st_mtime_ns) == (u.size, u.mtime_ns):
+                continue
+        except OSError:
+            pass
+        out.append(u.path)
+    return out
+
+
 def refusal(leaks: list[Leak]) -> str:
     """One line: the refused leaks by kind, and what the user can do."""
     by_kind: dict[str, list[str]] = {}

@@ -153,7 +153,8 @@ class Store:
             return []
         if not isinstance(data, list):
             return []
-        return [(p, s) for p, s in data if isinstance(p, int) and isinstance(s, int)]
+        return [(x[0], x[1]) for x in data if isinstance(x, list) and len(x) == 2
+                and all(isinstance(v, int) for v in x)]
 
     def record_incarnation(self, lineage: tuple[int, int], tasks: list[tuple[int, int]],
                            alive: Callable[[tuple[int, int]], bool]) -> None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .journal import read
+from .journal import Run, read
 from .process.freezer import Cgroup
 from .process.tree import Task, settle
 
@@ -66,14 +66,8 @@ class Watchdog:
 
 
 def _criu_of(journal: Path) -> Task | None:
-    try:
-        entries = read(journal)
-    except FileNotFoundError:
-        return None
-    runs = [e for e in entries if e["event"] == "criu"]
-    return Task(runs[-1]["pid"], runs[-1]["starttime"]) if runs else None
-
-
+    started = Run(journal, read(journal)).events("criu")
+    return Task(started[-1]["pid"], started[-1]["starttime"]) if started else None
 
 
 def main(kind: str, path: str, journal: str, max_freeze: str) -> None:

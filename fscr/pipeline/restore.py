@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, locks, relink, snapshot
+from .. import backends, locks, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..errors import (
@@ -123,16 +123,10 @@ class _Restore:
                 raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
                                   f"from snapshot {snap}")
         self.netns = netns.resolve(placement(m)) if processes else None
-        if processes:
-            for u in m.unchanged:
-                try:
-                    st = os.stat(u.path)
-                    same = (st.st_size, st.st_mtime_ns) == (u.size, u.mtime_ns)
-                except OSError:
-                    same = False
-                if not same:
-                    raise Refused(f"{u.path} changed since checkpoint {m.id} (the tree had it "
-                                  "open or mapped read-only): refusing to restore onto it")
+        differ = preflight.changed(m.unchanged) if processes else []
+        if differ:
+            raise Refused(f"{differ[0]} changed since checkpoint {m.id} (the tree had it open "
+                          "or mapped read-only): refusing to restore onto it")
         live = self.live_tree()
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)

@@ -12,29 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadTarget, MissingDependency
-
-
-def _mounts() -> list[tuple[str, Path, str]]:
-    """(fstype, mount point, super options) from /proc/self/mountinfo."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        pre, _, post = line.partition(" - ")
-        fstype, _src, sopts = post.split(" ")[:3]
-        out.append((fstype, Path(pre.split(" ")[4]), sopts))
-    return out
+from ..fsutil import mounts
 
 
 def v2_root() -> Path | None:
-    for fstype, mnt, _ in _mounts():
+    for fstype, mnt, _ in mounts():
         if fstype == "cgroup2":
-            return mnt
+            return Path(mnt)
     return None
 
 
 def v1_freezer_root() -> Path | None:
-    for fstype, mnt, sopts in _mounts():
+    for fstype, mnt, sopts in mounts():
         if fstype == "cgroup" and "freezer" in sopts.split(","):
-            return mnt
+            return Path(mnt)
     return None
 
 

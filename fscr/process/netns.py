@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import BadTarget, FscrError
+from ..fsutil import mounts
 from .tree import Task, all_pids, read_stat
 
 CLONE_NEWNET = 0x40000000
@@ -39,17 +40,14 @@ class Placement:
 
 
 def _bind_mount_of(ino: int) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if post.split(" ")[0] != "nsfs":
-                continue
-            point = pre.split(" ")[4].encode().decode("unicode_escape")
-            try:
-                if os.stat(point).st_ino == ino:
-                    return point
-            except OSError:
-                continue
+    for fstype, point, _ in mounts():
+        if fstype != "nsfs":
+            continue
+        try:
+            if os.stat(point).st_ino == ino:
+                return point
+        except OSError:
+            continue
     return None
 
 

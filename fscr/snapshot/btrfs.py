@@ -13,6 +13,7 @@ from pathlib import Path
 import btrfsutil
 
 from ..errors import BadVolume, NoSpace, SnapshotFailed
+from ..fsutil import mounts
 from ..names import snapshot_path
 
 RENAME_EXCHANGE = 2
@@ -133,10 +134,7 @@ class Btrfs:
 
 def is_mount_point(path: Path) -> bool:
     """From the mount table: os.path.ismount says yes for every subvolume (st_dev differs)."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        points = {line.split(" ")[4].encode().decode("unicode_escape") for line in f}
-    return real in points
+    return os.path.realpath(path) in {point for _, point, _ in mounts()}
 
 
 def btrfsutil_exists(path: Path) -> bool:
