@@ -193,6 +193,24 @@ def fscr(*args: str, store: Path | None = None, check: bool = True,
     return proc
 
 
+def ask(vol: Path, name: str, timeout: float = 30) -> dict:
+    """A workload's report: w.py writes VOL/<name>.json when VOL/report-<name>.json appears.
+    The report is removed once read, so the next request waits for a fresh one."""
+    (vol / f"report-{name}.json").touch()
+    out = vol / f"{name}.json"
+    report = json.loads(wait_for(lambda: out.exists() and out.read_text(), timeout,
+                                 f"the {name} report"))
+    out.unlink()
+    return report
+
+
+def wait_unlinked(pid: int, path: Path, timeout: float = 30) -> None:
+    """Until `pid` holds `path` open by fd with its name gone ("(deleted)")."""
+    wait_for(lambda: f"{path} (deleted)" in
+             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
+             timeout, f"{path} to be written and unlinked")
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

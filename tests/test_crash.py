@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FSCR, alive, counter_with_neighbour, fscr, lines, wait_for
+from conftest import (
+    FSCR,
+    alive,
+    ask,
+    counter_with_neighbour,
+    fscr,
+    lines,
+    wait_for,
+    wait_unlinked,
+)
 from test_pipeline import checkpoint, grows, relinks_on, restore
 
 from fscr.process import freezer
@@ -165,9 +174,7 @@ def test_full_volume_fails_the_relink_copy_cleanly(btrfs_volume, workloads, stor
     vol = btrfs_volume.path
     size = 64 << 20
     pid, _ = workloads.start("unlinked0", str(vol), str(size))
-    wait_for(lambda: f"{vol}/big (deleted)" in
-             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
-             30, "the file to be unlinked")
+    wait_unlinked(pid, vol / "big")
     try:
         _fill(vol, 8 << 20)
         out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "full",
@@ -178,29 +185,21 @@ def test_full_volume_fails_the_relink_copy_cleanly(btrfs_volume, workloads, stor
         assert residue(vol, store, "full") == CLEAN
     finally:
         (vol / "filler").unlink(missing_ok=True)
-    (vol / "report-unlinked0.json").touch()
-    report = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
-                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
+    report = ask(vol, "unlinked0")
     assert report["size"] == size and report["nlink"] == 0  # the workload's data is intact
 
 
 def test_copy_path_preserves_an_unlinked_file(btrfs_volume, workloads, store):
     vol = btrfs_volume.path
     pid, _ = workloads.start("unlinked0", str(vol), str(8 << 20))
-    wait_for(lambda: f"{vol}/big (deleted)" in
-             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")])
-    (vol / "report-unlinked0.json").touch()
-    before = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
-                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
-    (vol / "unlinked0.json").unlink()
+    wait_unlinked(pid, vol / "big")
+    before = ask(vol, "unlinked0")
     out = fscr("checkpoint", "--json", "--pid", str(pid), "--volume", str(vol), "--kill",
                store=store, env={"FSCR_TEST_FORCE_COPY": "1"})
     m = json.loads(out.stdout)
     assert [r["method"] for r in m["relinks"]] == ["copy"]
     restore(store, m["id"])
-    (vol / "report-unlinked0.json").touch()
-    after = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
-                                and (vol / "unlinked0.json").read_text(), 30, "report"))
+    after = ask(vol, "unlinked0")
     assert after == before
 
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import alive, counter_with_neighbour, fscr, lines, wait_for
+from conftest import alive, ask, counter_with_neighbour, fscr, lines, wait_for, wait_unlinked
 
 
 def relinks_on(volume: Path) -> list[str]:
@@ -87,22 +87,15 @@ def test_large_unlinked_file_is_kept_by_reflink_not_in_the_image(btrfs_volume, w
     vol = btrfs_volume.path
     size = 200 << 20
     pid, _ = workloads.start("unlinked0", str(vol), str(size))
-    wait_for(lambda: f"{vol}/big (deleted)" in
-             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
-             30, "the 200 MB file to be written and unlinked")
-    (vol / "report-unlinked0.json").touch()
-    before = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
-                                 and (vol / "unlinked0.json").read_text(), 30, "report"))
-    (vol / "unlinked0.json").unlink()
+    wait_unlinked(pid, vol / "big")
+    before = ask(vol, "unlinked0")
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
     assert [r["method"] for r in m["relinks"]] == ["reflink"]
     assert m["image_bytes"] < size // 10
 
     restore(store, m["id"])
     assert relinks_on(vol) == []
-    (vol / "report-unlinked0.json").touch()
-    after = json.loads(wait_for(lambda: (vol / "unlinked0.json").exists()
-                                and (vol / "unlinked0.json").read_text(), 30, "report"))
+    after = ask(vol, "unlinked0")
     assert after == before
     assert after["nlink"] == 0 and after["size"] == size and after["pos"] == size // 3
 

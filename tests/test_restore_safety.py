@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from conftest import alive, fscr, wait_for
+from conftest import alive, ask, fscr, wait_for
 from test_pipeline import checkpoint, grows, relinks_on, restore
 
 from fscr.process import freezer
@@ -95,16 +95,13 @@ def test_an_unlinked_file_held_only_by_a_mapping_is_preserved(btrfs_volume, work
     vol = btrfs_volume.path
     size = 64 << 20
     pid, _ = workloads.start("mapped", str(vol), str(size))
-    (vol / "report-mapped.json").touch()
-    before = wait_for(lambda: (vol / "mapped.json").exists() and (vol / "mapped.json").read_text())
-    (vol / "mapped.json").unlink()
+    before = ask(vol, "mapped")
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
     assert [(r["kind"], r["method"]) for r in m["relinks"]] == [("map", "reflink")]
     assert m["image_bytes"] < size // 4  # the file's pages are not in the image
     restore(store, m["id"])
     assert relinks_on(vol) == []
-    (vol / "report-mapped.json").touch()
-    after = wait_for(lambda: (vol / "mapped.json").exists() and (vol / "mapped.json").read_text())
+    after = ask(vol, "mapped")
     assert after == before
 
 

@@ -21,7 +21,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from conftest import alive, fscr, wait_for
+from conftest import alive, fscr, wait_for, wait_unlinked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_pipeline import checkpoint, grows, relinks_on
@@ -112,8 +112,7 @@ def test_what_fscr_creates_is_root_only_and_relinks_keep_mode_and_owner(btrfs_vo
                                                                         workloads, store, user):
     vol = btrfs_volume.path
     pid, _ = workloads.start("unlinked0", str(vol), str(1 << 20))
-    wait_for(lambda: f"{vol}/big (deleted)" in
-             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")])
+    wait_unlinked(pid, vol / "big")
     os.chown(f"/proc/{pid}/fd/3", user.pw_uid, user.pw_gid)  # a file of another user, 0640
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
     snap = Path(m["volumes"][0]["snapshot"])

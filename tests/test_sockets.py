@@ -8,7 +8,6 @@ namespace, as a user runs it.
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WORKLOAD, alive, fscr, wait_for
+from conftest import WORKLOAD, alive, ask, fscr, wait_for
 from test_pipeline import checkpoint, restore
 
 from fscr.process import freezer
@@ -143,9 +142,7 @@ def test_unix_socketpairs_keep_their_queued_data(btrfs_volume, workloads, store)
     assert sorted(s["type"] for s in m["sockets"]) == sorted(
         ["stream", "stream", "dgram", "dgram", "seqpacket", "seqpacket"])
     restore(store, m["id"])
-    (vol / "report-unixq.json").touch()
-    got = json.loads(wait_for(lambda: (vol / "unixq.json").exists()
-                              and (vol / "unixq.json").read_text(), 10, "the report"))
+    got = ask(vol, "unixq", 10)
     assert got["dgram"] == ["dgram-one", "dgram-two"]
     assert got["seqpacket"] == ["seqpacket-one", "seqpacket-two"]
     assert "".join(got["stream"]) == "stream-onestream-two"
