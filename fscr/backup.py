@@ -8,7 +8,7 @@ cron entry that starts runs.
     [target]                     # exactly one of:
     pid_file = "/run/app.pid"    # or: cgroup = "/sys/fs/cgroup/...", or: name = "<fscr run --name>"
     [snapshot]
-    kind = "btrfs"               # or "none"
+    kind = "btrfs"               # or "lvm" (then lvm_size = "20%ORIGIN" for classic LVs), "none"
     volumes = ["/srv/app"]
     [backend]
     kind = "criu"                # or "freeze-only"
@@ -54,8 +54,15 @@ class TargetSection(_Section):
 
 
 class SnapshotSection(_Section):
-    kind: Literal["btrfs", "none"] = "btrfs"
+    kind: Literal["btrfs", "lvm", "none"] = "btrfs"
     volumes: list[str] = Field(min_length=1)
+    lvm_size: str | None = None  # a classic LVM snapshot's size, as --lvm-size
+
+    @model_validator(mode="after")
+    def _size(self) -> SnapshotSection:
+        if self.lvm_size is not None and self.kind != "lvm":
+            raise ValueError("lvm_size applies to kind = \"lvm\" only")
+        return self
 
 
 class BackendSection(_Section):
@@ -134,6 +141,7 @@ def run(job: Job, now: datetime | None = None) -> RunReport:
         with locks.hold([f"backup job {job.name}"], wait=0):
             m = pipeline.checkpoint(pipeline.CheckpointRequest(
                 target=_target(job), volumes=job.snapshot.volumes, snapshot=job.snapshot.kind,
+                lvm_size=job.snapshot.lvm_size,
                 backend=job.backend.kind, tcp=job.tcp, allow=frozenset(job.allow),
                 store=job.store, job=job.name))
             report.id, report.freeze_window = m.id, m.durations.get("freeze_window")

@@ -14,6 +14,7 @@ from rich.console import Console
 from . import doctor as doctor_mod
 from . import gc as gc_mod
 from . import pipeline, preflight, transfer
+from . import snapshot as snapshot_kinds
 from .errors import FscrError, MissingDependency, Refused
 from .journal import unfinished
 from .manifest import Manifest
@@ -153,7 +154,10 @@ def target_opts(f: Callable) -> Callable:
 
 @cli.command()
 @target_opts
-@click.option("--snapshot", type=click.Choice(["btrfs", "none"]), default="btrfs")
+@click.option("--snapshot", type=click.Choice(["btrfs", "lvm", "none"]), default="btrfs")
+@click.option("--lvm-size", default=None, metavar="SIZE",
+              help="Size of a classic LVM snapshot: 2G, 512M, or a share of the origin such "
+                   "as 20%ORIGIN (the default). Thin snapshots take no size.")
 @click.option("--backend", type=click.Choice(["criu", "freeze-only"]), default="criu")
 @click.option("--leave-running/--kill", default=True,
               help="Keep the tree running after the dump (default) or kill it.")
@@ -165,14 +169,14 @@ def target_opts(f: Callable) -> Callable:
                    "checkpoint is aborted.")
 @store_opt
 @json_opt
-def checkpoint(pid, cgroup, name, volumes, snapshot, backend, leave_running, tcp, allow,
-               ckpt_id, max_freeze, store, as_json) -> None:  # noqa: ANN001 - click options
+def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_running, tcp,
+               allow, ckpt_id, max_freeze, store, as_json) -> None:  # noqa: ANN001 - options
     """Checkpoint a process tree and its volumes at one frozen instant."""
     notice_unfinished(store)
     req = pipeline.CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
-        backend=backend, kill=not leave_running, tcp=tcp, allow=parse_allow(allow), id=ckpt_id,
-        store=store, max_freeze=max_freeze)
+        lvm_size=lvm_size, backend=backend, kill=not leave_running, tcp=tcp,
+        allow=parse_allow(allow), id=ckpt_id, store=store, max_freeze=max_freeze)
     m = pipeline.checkpoint(req, progress_printer(as_json))
     emit(summary(m), as_json, lambda: click.echo(m.id))
 
@@ -216,14 +220,18 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
 @click.option("--force", is_flag=True,
               help="Swap the volumes even while other processes hold files on them.")
 @click.option("--volumes-only", is_flag=True, help="Put the volumes back, no processes.")
+@click.option("--rollback", is_flag=True,
+              help="LVM: merge the snapshots back into their origin volumes (lvconvert "
+                   "--merge) instead of mounting copies over them.")
 @store_opt
 @json_opt
-def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, store: str | None,
-            as_json: bool) -> None:
+def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollback: bool,
+            store: str | None, as_json: bool) -> None:
     """Put the volumes back and restore the processes; print the new root PID."""
     notice_unfinished(store)
     r = pipeline.restore(ckpt_id, store, replace=replace, force=force,
-                         volumes_only=volumes_only, progress=progress_printer(as_json))
+                         volumes_only=volumes_only, rollback=rollback,
+                         progress=progress_printer(as_json))
     data = {"id": r.id, "pid": r.pid, "rescue_snapshots": r.rescues, "durations": r.durations}
     emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))
 
@@ -261,13 +269,20 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],
                                   "cgroup": m.cgroup.model_dump()}
+    provider = snapshot_kinds.get(m.snapshot)
+    for v in data["volumes"]:
+        try:
+            v["state"] = provider.state(v["snapshot"]) if v["snapshot"] else None
+        except FscrError as e:
+            v["state"] = f"unknown ({e})"
 
     def text() -> None:
         for key in ("id", "created", "hostname", "backend", "snapshot", "mode", "root_pid",
                     "image_bytes", "manifest_sha256"):
             click.echo(f"{key:<20} {data[key]}")
         for v in data["volumes"]:
-            click.echo(f"volume               {v['path']}  snapshot {v['snapshot']}")
+            state = f" ({v['state']})" if v["state"] else ""
+            click.echo(f"volume               {v['path']}  snapshot {v['snapshot']}{state}")
         for r in data["relinks"]:
             click.echo(f"relinked             {r['original_path']} "
                        f"({r['method']}, {r['size']} bytes)")

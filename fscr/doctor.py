@@ -98,15 +98,11 @@ def _btrfs() -> Row:
 
 
 def _lvm() -> Row:
-    tool = shutil.which("lvm")
-    # The kernel's own list: lvm2 creates /dev/mapper/control even where the driver is missing.
-    dm = "device-mapper" in Path("/proc/misc").read_text()
-    if tool is None:
-        return Row("lvm", False, False, "lvm2 tools not installed")
-    if not dm:
-        return Row("lvm", False, False,
-                   "lvm2 installed, but the kernel has no device-mapper: logical volumes and "
-                   "snapshots cannot be created (--snapshot lvm unavailable)")
+    from .snapshot.lvm import unavailable
+
+    why = unavailable()
+    if why is not None:
+        return Row("lvm", False, False, f"--snapshot lvm unavailable: {why}")
     return Row("lvm", True, False, "lvm2 and device-mapper present")
 
 

@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,17 +31,44 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def mounts() -> list[tuple[str, str, str]]:
-    """(fstype, mount point, super options) of every mount, from /proc/self/mountinfo, with
-    the kernel's octal escapes (a space is \\040) decoded in the mount point."""
+class Mount(NamedTuple):
+    fstype: str
+    point: str
+    super_options: str
+    source: str
+    options: str  # the mount's own (rw, nosuid, relatime...), not the filesystem's
+    dev: tuple[int, int]  # major, minor
+
+
+def mount_table() -> list[Mount]:
+    """Every mount, from /proc/self/mountinfo, with the kernel's octal escapes (a space is
+    \\040) decoded in the mount point and source."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
-            fstype, _src, sopts = post.split(" ")[:3]
-            point = pre.split(" ")[4].encode().decode("unicode_escape")
-            out.append((fstype, point, sopts.strip()))
+            fields = pre.split(" ")
+            fstype, src, sopts = post.split(" ")[:3]
+            major, minor = fields[2].split(":")
+            out.append(Mount(fstype, _unescape(fields[4]), sopts.strip(), _unescape(src),
+                             fields[5], (int(major), int(minor))))
     return out
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape")
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(fstype, mount point, super options) of every mount."""
+    return [(m.fstype, m.point, m.super_options) for m in mount_table()]
+
+
+def mount_at(path: Path) -> Mount | None:
+    """The mount whose mount point `path` is (the last one, if several are stacked)."""
+    real = os.path.realpath(path)
+    found = [m for m in mount_table() if m.point == real]
+    return found[-1] if found else None
 
 
 def sha256_file(path: Path) -> str:

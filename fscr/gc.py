@@ -21,7 +21,6 @@ from .backends import criu
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
 from .manifest import Manifest
-from .names import snapshot_path
 from .pipeline import finish_restore, volume_lock, workload_lock
 from .pipeline.restore import drop_netlock
 from .process import freezer
@@ -101,17 +100,21 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
     if draft is not None and draft.netlock is not None:
         plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(draft))
     if not store.committed(run.id):
-        _unfinished_steps(plan, store, [snapshot_path(Path(e["volume"]), run.id, e["n"])
-                                        for e in run.events("snapshot")])
+        provider = _provider(run)
+        made = [provider.find(Path(e["volume"]), run.id, e["n"]) for e in run.events("snapshot")]
+        _unfinished_steps(plan, store, provider, [s for s in made if s is not None])
     return plan
 
 
-def _unfinished_steps(plan: Plan, store: Store, snapshots: list[Path]) -> None:
+def _provider(run: Run) -> snapshot.Provider:
+    return snapshot.get(run.begin.get("snapshot", "btrfs"))
+
+
+def _unfinished_steps(plan: Plan, store: Store, provider: snapshot.Provider,
+                      snapshots: list[str]) -> None:
     """Remove an uncommitted checkpoint: the snapshots its run made, then its directory."""
-    provider = snapshot.get(plan.run.begin.get("snapshot", "btrfs"))
-    for path in snapshots:
-        if path.exists() or path.parent.exists():
-            plan.add(f"delete half-made snapshot {path}", lambda p=path: provider.delete(str(p)))
+    for s in snapshots:
+        plan.add(f"delete half-made snapshot {s}", lambda s=s: provider.delete(s))
     if store.exists(plan.run.id):
         plan.add(f"remove unfinished checkpoint directory {store.dir(plan.run.id)}",
                  lambda: store.remove(plan.run.id))
@@ -139,13 +142,14 @@ def plan_restore(store: Store, run: Run) -> Plan:
         m = store.load(run.id)
     except FscrError:
         m = None  # deleted since: only the swaps can be undone
-    provider = snapshot.get(m.snapshot if m else "btrfs")
+    provider = _provider(run)
     swaps = run.events("swap")
     root = _restored_root(store, run, m.cgroup.path) if m else None
     if root is not None and m is not None:
-        rescues = [Path(e["rescue"]) for e in swaps]
+        rescues = [e["rescue"] for e in swaps]
+        name = swaps[0]["name"] if swaps else ""
         plan.add(f"finish the restore of PID {root}: unlink relinks, seal and list rescue "
-                 "snapshots", lambda: finish_restore(store, m, provider, root, rescues))
+                 "snapshots", lambda: finish_restore(store, m, provider, root, name, rescues))
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
@@ -159,15 +163,13 @@ def plan_restore(store: Store, run: Run) -> Plan:
                                                    force=True)))
     copies = {e["volume"]: e["copy"] for e in run.events("copy")}
     for e in reversed(swaps):
-        vol, rescue = Path(e["volume"]), Path(e["rescue"])
-        ours = e["volume"] in copies and provider.identity(vol) == copies[e["volume"]]
-        if ours:
-            what = (f"put {vol} back as it was before the restore" if rescue.exists()
-                    else f"remove {vol}, which the restore created")
-            plan.add(what, lambda v=vol, r=rescue: provider.swap_back(v, r))
-        elif rescue.exists():
-            plan.add(f"delete unused restore copy {rescue}",
-                     lambda r=rescue: provider.delete(str(r)))
+        vol, rescue, copy = Path(e["volume"]), e["rescue"], copies.get(e["volume"])
+        if copy is not None and provider.swapped(vol, copy):
+            plan.add(f"put {vol} back as it was before the restore",
+                     lambda v=vol, r=rescue: provider.swap_back(v, r))
+        elif copy is not None or provider.exists(rescue):
+            plan.add(f"remove the restore's unused copy of {vol}",
+                     lambda v=vol, r=rescue: provider.discard(v, r))
     _relink_steps(plan)
     return plan
 
@@ -175,7 +177,10 @@ def plan_restore(store: Store, run: Run) -> Plan:
 def plan_receive(store: Store, run: Run) -> Plan:
     plan = Plan(run)
     if not store.committed(run.id):
-        _unfinished_steps(plan, store, [Path(e["path"]) for e in run.events("subvolume")])
+        provider = _provider(run)
+        made = [e["path"] for e in run.events("subvolume")]
+        _unfinished_steps(plan, store, provider, [p for p in made if provider.exists(p)
+                                                  or Path(p).parent.exists()])
     return plan
 
 

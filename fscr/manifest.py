@@ -133,7 +133,7 @@ class Manifest(Record):
     hostname: str
     job: Id | None  # the backup job that made it, if any
     backend: Literal["criu", "freeze-only"]
-    snapshot: Literal["btrfs", "none"]
+    snapshot: Literal["btrfs", "lvm", "none"]
     mode: Literal["leave-running", "kill"]
     root: TaskRecord
     lineage: TaskRecord  # the root first checkpointed, across restores (store.py)
@@ -178,6 +178,11 @@ class Manifest(Record):
         if len(set(vols)) != len(vols) or [v.n for v in self.volumes] != list(range(len(vols))):
             raise bad("volumes are repeated or misnumbered")
         for v in self.volumes:
+            if self.snapshot == "lvm":  # the volume group is the origin's: only the name is ours
+                if v.snapshot is None or not names.is_lvm_snapshot(v.snapshot, self.id, v.n):
+                    want = f"/dev/<vg>/{names.lv_snapshot_name(self.id, v.n)}"
+                    raise bad(f"volume {v.path} names snapshot {v.snapshot}, expected {want}")
+                continue
             want = (None if self.snapshot == "none"
                     else str(names.snapshot_path(Path(v.path), self.id, v.n)))
             if v.snapshot != want:

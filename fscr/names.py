@@ -42,6 +42,31 @@ def rescue_path(volume: Path, rescue: str, n: int) -> Path:
     return snapshot_root(volume) / rescue / str(n)
 
 
+# LVM: snapshots live in the origin's volume group, named fscr_<id>_<n>; a restore's rescue (the
+# contents --rollback replaced) fscr_rescue_<id>_<time>_<hex>_<n>, and the writable copy a restore
+# mounts or merges fscr_restored_<id>_<time>_<hex>_<n>. lvm2 lists them as /dev/<vg>/<name>.
+VG_PATTERN = r"(?!\.\.?(?:/|$))[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}"  # lvm2's, not . or .."
+LV_PREFIX = "fscr_"
+
+
+def lv_snapshot_name(ckpt_id: str, n: int) -> str:
+    return f"{LV_PREFIX}{ckpt_id}_{n}"
+
+
+def lv_rescue_name(rescue: str, n: int) -> str:
+    return f"{LV_PREFIX}{rescue}_{n}"
+
+
+def lv_restored_name(rescue: str, n: int) -> str:
+    return f"{LV_PREFIX}restored_{rescue.removeprefix('rescue_')}_{n}"
+
+
+def is_lvm_snapshot(path: str, ckpt_id: str, n: int) -> bool:
+    """Whether `path` is /dev/<vg>/fscr_<id>_<n>: the only LV a manifest may name."""
+    name = re.escape(lv_snapshot_name(ckpt_id, n))
+    return re.fullmatch(rf"/dev/{VG_PATTERN}/{name}", path) is not None
+
+
 def relink_name(ckpt_id: str, n: int) -> str:
     return f"{RELINK_PREFIX}{ckpt_id}-{n}"
 

@@ -171,9 +171,10 @@ class Store:
                 return lineage
         return task
 
-    def add_rescue(self, name: str, paths: list[str]) -> None:
-        """Record a rescue snapshot (the contents a restore replaced), so it is listed."""
-        data = json.dumps({"name": name, "paths": paths}).encode()
+    def add_rescue(self, name: str, paths: list[str], kind: str) -> None:
+        """Record a rescue snapshot (the contents a restore replaced), so it is listed; `kind`
+        is the snapshot provider that made it."""
+        data = json.dumps({"name": name, "paths": paths, "kind": kind}).encode()
         write_atomic(self._rescue_file(name), data)
 
     def rescues(self) -> list[dict]:

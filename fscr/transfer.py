@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import snapshot
-from .errors import BadManifest, BadStream, FscrError, MissingParent
+from .errors import BadManifest, BadStream, FscrError, MissingParent, Refused
 from .journal import Journal
 from .manifest import Manifest
 from .names import check_id, snapshot_path
@@ -76,6 +76,9 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
     require_root()
     store = Store.open(store_dir)
     m = store.load(check_id(ckpt_id))
+    if m.snapshot == "lvm":
+        raise Refused(f"checkpoint {m.id} holds LVM snapshots: send carries btrfs snapshots "
+                      "only (docs/lvm.md says how to move a logical volume)")
     store.verify_images(m)
     base = store.load(check_id(parent)) if parent else None
     if base is not None and [v.path for v in base.volumes] != [v.path for v in m.volumes]:
@@ -180,6 +183,8 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
         raise BadStream(f"the stream is corrupt: {e}") from None
     if store.exists(m.id):
         raise FscrError(f"checkpoint {m.id} already exists in {store.root}")
+    if m.snapshot == "lvm":  # fscr send never writes one: the stream was made by hand
+        raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
     provider = snapshot.get(m.snapshot)
     journal = Journal.begin(store.root, m.id, "receive", volumes=[v.path for v in m.volumes],
                             snapshot=m.snapshot)

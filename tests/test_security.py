@@ -155,9 +155,15 @@ def test_show_prints_the_digest_a_user_can_check(btrfs_volume, workloads, store)
     pid, _ = workloads.start("counter", str(vol))
     grows(vol / "history", 3)
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
-    shown = json.loads(fscr("show", m["id"], "--json", store=store).stdout)["manifest_sha256"]
+    shown = json.loads(fscr("show", m["id"], "--json", store=store).stdout)
     raw = (store / "checkpoints" / m["id"] / "manifest.json").read_bytes()
-    assert shown == hashlib.sha256(raw).hexdigest()
+    assert shown["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
+    # show also says whether each snapshot is still there
+    assert [v["state"] for v in shown["volumes"]] == ["present"]
+    subprocess.run(["btrfs", "subvolume", "delete", m["volumes"][0]["snapshot"]],
+                   check=True, capture_output=True)
+    text = fscr("show", m["id"], store=store).stdout
+    assert f"snapshot {m['volumes'][0]['snapshot']} (missing)" in text
 
 
 # --- the manifest as untrusted input: mutated many times, restore must refuse every one ---

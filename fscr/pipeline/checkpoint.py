@@ -59,6 +59,7 @@ class CheckpointRequest:
     kill: bool = False
     tcp: str = "refuse"
     allow: frozenset[str] = frozenset()
+    lvm_size: str | None = None  # a classic LVM snapshot's size (lvm.size_args)
     job: str | None = None  # the backup job that made it (fscr backup), for pruning
     id: str | None = None
     store: str | None = None
@@ -75,7 +76,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     require_root()
     store = Store.open(req.store)
     ckpt_id = check_id(req.id) if req.id else new_id()
-    provider = snapshot.get(req.snapshot)
+    provider = snapshot.get(req.snapshot, size=req.lvm_size)
     backend = backends.get(req.backend)
     if req.kill and not backend.writes_image:
         raise Refused("--kill with --backend freeze-only would lose the processes: refused")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import time
@@ -23,7 +24,7 @@ from ..errors import (
 )
 from ..journal import Journal
 from ..manifest import Manifest
-from ..names import check_id, is_rescue, rescue_path
+from ..names import check_id, is_rescue, lv_rescue_name
 from ..process import freezer, netns
 from ..process.files import holders
 from ..process.target import put_back
@@ -41,9 +42,10 @@ class RestoreResult:
 
 
 def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
-            force: bool = False, volumes_only: bool = False,
+            force: bool = False, volumes_only: bool = False, rollback: bool = False,
             progress: Progress = quiet) -> RestoreResult:
-    """Put the volumes back as they were at the checkpoint and restore the tree.
+    """Put the volumes back as they were at the checkpoint and restore the tree. With
+    `rollback` (LVM only), the volumes' logical volumes are merged back, not mounted over.
 
     Every check runs before anything is killed or swapped. If anything fails after the swap,
     the volumes are swapped back (their restored copies removed); if that fails too, or fscr
@@ -57,8 +59,8 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
         if dead:
             raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
                           "run `fscr gc` first")
-        run = _Restore(store, m, Timings(progress=progress), snapshot.get(m.snapshot),
-                       backends.get(m.backend))
+        run = _Restore(store, m, Timings(progress=progress),
+                       snapshot.get(m.snapshot, rollback=rollback), backends.get(m.backend))
         return run.execute(replace, force, volumes_only)
 
 
@@ -76,8 +78,9 @@ class _Restore:
             live = self.validate(processes, replace, force)
             rescue = f"rescue_{self.m.id}_{datetime.now(UTC):%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}"
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
-                                     volumes=[v.path for v in self.m.volumes])
-        swapped: list[tuple[Path, Path]] = []
+                                     volumes=[v.path for v in self.m.volumes],
+                                     snapshot=self.m.snapshot)
+        swapped: list[Swap] = []
         pid = None
         try:
             if processes:
@@ -90,8 +93,8 @@ class _Restore:
                 with self.t.stage("restore"):
                     pid = self.restore_processes()
         except BaseException as e:
-            for vol, r in reversed(swapped):  # if this fails, the journal stays for gc
-                self.provider.swap_back(vol, r)
+            for sw in reversed(swapped):  # if this fails, the journal stays for gc
+                undo_swap(self.provider, sw.volume, sw.rescue, sw.copy)
             self.journal.close()
             if isinstance(e, FscrError) and swapped:
                 killed = " (the old tree was killed by --replace)" if live else ""
@@ -101,10 +104,10 @@ class _Restore:
         # The tree runs: from here on nothing is undone. A failure leaves the journal, and
         # gc completes these steps.
         with self.t.stage("finish"):
-            self.finish(pid, [r for _, r in swapped])
+            kept = finish_restore(self.store, self.m, self.provider, pid, rescue,
+                                  [sw.rescue for sw in swapped])
         self.journal.close()
-        return RestoreResult(self.m.id, pid, [str(r) for _, r in swapped if r.exists()],
-                             self.t.seconds)
+        return RestoreResult(self.m.id, pid, kept, self.t.seconds)
 
     def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         """Every check, before anything is killed or swapped. Returns the live tree."""
@@ -113,13 +116,15 @@ class _Restore:
         if processes:
             self.backend.check()
         for v in m.volumes:
-            self.provider.check_target(Path(v.path))
-            if v.snapshot is not None and not Path(v.snapshot).is_dir():
-                raise BadManifest(f"checkpoint {m.id}: snapshot {v.snapshot} is missing")
+            try:
+                self.provider.check_restore(Path(v.path), v.snapshot, processes)
+            except BadManifest as e:
+                raise BadManifest(f"checkpoint {m.id}: {e}") from None
         by_volume = {v.path: v for v in m.volumes}
         for r in m.relinks:
+            # An LVM snapshot is a block device: its relinks are checked as they are reopened.
             snap = by_volume[r.volume].snapshot
-            if snap is not None and not relink.present(Path(snap), r.name):
+            if snap is not None and Path(snap).is_dir() and not relink.present(Path(snap), r.name):
                 raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
                                   f"from snapshot {snap}")
         self.netns = netns.resolve(placement(m)) if processes else None
@@ -183,16 +188,21 @@ class _Restore:
                                        "use; CRIU needs them free to restore")
             time.sleep(0.05)
 
-    def swap_in(self, rescue: str, swapped: list[tuple[Path, Path]]) -> None:
+    def swap_in(self, rescue: str, swapped: list[Swap]) -> None:
         for v in self.m.volumes:
             if v.snapshot is None:
                 continue
-            vol, dest = Path(v.path), rescue_path(Path(v.path), rescue, v.n)
-            self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=str(dest))
-            self.provider.swap_in(
-                v.snapshot, vol, dest,
-                lambda copy, v=v: self.journal.note("copy", volume=v.path, copy=copy))
-            swapped.append((vol, dest))
+            vol = Path(v.path)
+            sw = Swap(vol, self.provider.rescue(vol, rescue, v.n))
+            self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=sw.rescue,
+                              name=rescue)
+
+            def made(copy: str, sw: Swap = sw) -> None:
+                self.journal.note("copy", volume=str(sw.volume), copy=copy)
+                sw.copy = copy  # from here a failure must be undone
+                swapped.append(sw)
+
+            self.provider.swap_in(v.snapshot, vol, sw.rescue, made)
 
     def restore_processes(self) -> int:
         fds: list[tuple[int, str]] = []
@@ -212,8 +222,20 @@ class _Restore:
         pidfile.unlink(missing_ok=True)
         return pid
 
-    def finish(self, pid: int | None, rescues: list[Path]) -> None:
-        finish_restore(self.store, self.m, self.provider, pid, rescues)
+
+@dataclass
+class Swap:
+    volume: Path
+    rescue: str
+    copy: str | None = None  # what swap_in made, once it has (the journal's "copy")
+
+
+def undo_swap(provider: snapshot.Provider, volume: Path, rescue: str, copy: str | None) -> None:
+    """Undo what a swap_in did, whether or not it got as far as the swap itself."""
+    if copy is not None and provider.swapped(volume, copy):
+        provider.swap_back(volume, rescue)
+    else:
+        provider.discard(volume, rescue)
 
 
 def placement(m: Manifest) -> netns.Placement:
@@ -235,7 +257,7 @@ def drop_netlock(m: Manifest) -> list[str]:
 
 
 def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
-                   rescues: list[Path]) -> None:
+                   name: str, rescues: list[str]) -> list[str]:
     """The restored tree runs: remember it (lineage), unlink the relinks (the tasks see those
     files unlinked again), seal and record the rescue snapshots, and move the tree back to
     its own cgroup if fscr moved it for the checkpoint. Idempotent: gc reruns it."""
@@ -249,14 +271,15 @@ def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: 
                                  lambda t: Task(*t).alive())
     for v in m.volumes:
         relink.remove_relinks(Path(v.path), m.id)
-    rescues = [r for r in rescues if r.exists()]
+    rescues = [r for r in rescues if provider.exists(r)]
     for r in rescues:
         provider.seal(r)
     if rescues:
-        store.add_rescue(rescues[0].parent.name, [str(r) for r in rescues])
+        store.add_rescue(name, rescues, provider.name)
     if pid is not None and m.cgroup.original != m.cgroup.path:
         own = freezer.at(m.cgroup.path)
         put_back({p: m.cgroup.original for p in (own.procs() if own.exists() else [])}, own)
+    return rescues
 
 
 # -------------------------------------------------------------------------------- delete
@@ -269,9 +292,13 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     if is_rescue(name):
         for r in store.rescues():
             if r.get("name") == name:
-                provider = snapshot.get("btrfs")
+                kind = r.get("kind", "btrfs")
+                provider = snapshot.get(kind)
                 for p in r["paths"]:
-                    if Path(p).parent.name != name:
+                    own = (Path(p).parent.name == name if kind == "btrfs" else  # <name>/<n>
+                           re.fullmatch(re.escape(lv_rescue_name(name, 0)[:-1]) + "[0-9]+",
+                                        Path(p).name) is not None)  # fscr_<name>_<n>
+                    if not own:
                         raise BadManifest(f"rescue record {name} names {p}, not its own")
                     provider.delete(p)
                 store.remove_rescue(name)

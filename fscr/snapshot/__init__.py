@@ -15,47 +15,75 @@ from ..errors import BadInput
 
 
 class Provider(Protocol):
+    """A snapshot is named by a string: a path (btrfs), or /dev/<vg>/<lv> (LVM)."""
+
     name: str
 
+    # checkpoint
     def check(self, volume: Path) -> None:
-        """Raise BadVolume unless `volume` can be snapshotted and swapped by this provider."""
-
-    def check_target(self, volume: Path) -> None:
-        """Like check, for a restore: a volume that does not exist yet (a checkpoint received
-        from another machine) is created from its snapshot."""
+        """Raise BadVolume (or MissingDependency) unless `volume` can be snapshotted by this
+        provider: called before anything is frozen."""
 
     def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
-        """A read-only snapshot of `volume`, named with `ckpt_id`; returns its path."""
+        """A read-only snapshot of `volume`, named with `ckpt_id` and `n`; returns its name."""
+
+    def find(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        """The snapshot (or the remains of one) `create` makes for these, if it exists."""
+
+    def exists(self, snapshot: str) -> bool: ...
+
+    def state(self, snapshot: str) -> str:
+        """For `fscr show`: present, missing, or (a classic LVM snapshot) how full, invalid."""
 
     def delete(self, snapshot: str) -> None:
         """Remove a snapshot this provider created; a missing one is not an error."""
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+    # restore
+    def check_restore(self, volume: Path, snapshot: str | None, processes: bool) -> None:
+        """Raise unless `snapshot` can be put back at `volume` (with a tree to restore, if
+        `processes`). A btrfs volume that does not exist yet (a checkpoint received from
+        another machine) is created from its snapshot."""
+
+    def rescue(self, volume: Path, rescue: str, n: int) -> str:
+        """The name the contents a restore replaces get, for the restore called `rescue`."""
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
-        """Put a writable copy of `snapshot` at `volume`; the replaced contents end at `rescue`.
-        `made(copy id)` is called once the copy exists and before the swap, to journal it."""
+        """Put a writable copy of `snapshot` at `volume`, keeping what it replaces at
+        `rescue` (where the provider does). `made(copy)` is called once the copy exists and
+        before the swap, to journal it; on a failure before that, nothing is left behind."""
 
-    def swap_back(self, volume: Path, rescue: Path) -> None:
-        """Undo swap_in: `rescue` goes back to `volume`, the restored copy is removed (or, if
-        the restore created the volume, the volume is removed)."""
+    def swapped(self, volume: Path, copy: str) -> bool:
+        """Whether the swap of `copy` (as passed to made) into `volume` happened."""
 
-    def seal(self, rescue: Path) -> None:
-        """Make a rescue snapshot read-only once the restore succeeded."""
+    def swap_back(self, volume: Path, rescue: str) -> None:
+        """Undo a swap that happened: the volume holds again what `rescue` kept, and the
+        restored copy is removed (or, if the restore created the volume, the volume is)."""
 
-    def identity(self, volume: Path) -> str | None:
-        """What distinguishes this subvolume from every other (btrfs: its UUID), so that gc
-        can tell whether a dead restore's swap happened."""
+    def discard(self, volume: Path, rescue: str) -> None:
+        """Undo a swap_in that stopped before its swap: remove its copy and rescue."""
+
+    def seal(self, rescue: str) -> None:
+        """Make a rescue read-only once the restore succeeded."""
 
 
-KINDS = ("btrfs", "none")
+KINDS = ("btrfs", "lvm", "none")
 
 
-def get(name: str) -> Provider:
-    """The provider called `name`; imported on demand (btrfs needs libbtrfsutil)."""
+def get(name: str, size: str | None = None, rollback: bool = False) -> Provider:
+    """The provider called `name`, imported on demand (btrfs needs libbtrfsutil). `size` is a
+    classic LVM snapshot's size, `rollback` a restore by merging into the LVM origin."""
+    if name != "lvm" and (size is not None or rollback):
+        raise BadInput(f"{'--lvm-size' if size else '--rollback'} applies to LVM snapshots, "
+                       f"not to --snapshot {name}")
     if name == "btrfs":
         from .btrfs import Btrfs
 
         return Btrfs()
+    if name == "lvm":
+        from .lvm import Lvm
+
+        return Lvm(size=size, rollback=rollback)
     if name == "none":
         from .none import NoSnapshot
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import btrfsutil
 
-from ..errors import BadVolume, NoSpace, SnapshotFailed
+from ..errors import BadManifest, BadVolume, NoSpace, SnapshotFailed
 from ..fsutil import mounts
-from ..names import snapshot_path
+from ..names import rescue_path, snapshot_path
 
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -77,59 +77,85 @@ class Btrfs:
             raise SnapshotFailed(f"snapshot of {volume} at {dest} failed: {e.strerror}") from None
         return str(dest)
 
+    def find(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        path = snapshot_path(volume, ckpt_id, n)
+        return str(path) if path.exists() or path.parent.exists() else None
+
+    def exists(self, snapshot: str) -> bool:
+        return Path(snapshot).exists()
+
+    def state(self, snapshot: str) -> str:
+        return "present" if Path(snapshot).is_dir() else "missing"
+
     def delete(self, snapshot: str) -> None:
         path = Path(snapshot)
         if btrfsutil_exists(path):
             btrfsutil.delete_subvolume(str(path))
         _rmdir_quietly(path.parent)  # the <id> directory, once its last snapshot is gone
 
-    def check_target(self, volume: Path) -> None:
+    def check_restore(self, volume: Path, snapshot: str | None, processes: bool) -> None:
         if volume.exists() or volume.is_symlink():
             self.check(volume)
         elif not volume.parent.is_dir():
             raise BadVolume(f"volume {volume} is missing, and so is its parent directory")
+        if snapshot is None or not Path(snapshot).is_dir():
+            raise BadManifest(f"snapshot {snapshot} is missing")
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+    def rescue(self, volume: Path, rescue: str, n: int) -> str:
+        return str(rescue_path(volume, rescue, n))
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         # A writable snapshot of the checkpoint's read-only one, made at the rescue path and
         # then exchanged: the old contents land at the rescue path, the volume never vanishes.
         # On a machine that received the checkpoint the volume may not exist yet: the copy is
         # then renamed into place, and there is no rescue.
-        _mkdir_private(rescue.parent.parent)
-        _mkdir_private(rescue.parent)
+        path = Path(rescue)
+        _mkdir_private(path.parent.parent)
+        _mkdir_private(path.parent)
         try:
-            btrfsutil.create_snapshot(snapshot, str(rescue), read_only=False)
+            btrfsutil.create_snapshot(snapshot, rescue, read_only=False)
         except btrfsutil.BtrfsUtilError as e:
-            _rmdir_quietly(rescue.parent)
+            _rmdir_quietly(path.parent)
             raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
-        made(self.identity(rescue) or "")
+        made(identity(path) or "")
         try:
             if volume.exists():
-                exchange(rescue, volume)
+                exchange(path, volume)
             else:
-                os.rename(rescue, volume)
-                _rmdir_quietly(rescue.parent)
+                os.rename(path, volume)
+                _rmdir_quietly(path.parent)
         except OSError as e:
-            btrfsutil.delete_subvolume(str(rescue))
-            _rmdir_quietly(rescue.parent)
+            btrfsutil.delete_subvolume(rescue)
+            _rmdir_quietly(path.parent)
             raise SnapshotFailed(f"cannot put {snapshot} back at {volume}: {e}") from None
 
-    def swap_back(self, volume: Path, rescue: Path) -> None:
-        if rescue.exists():
-            exchange(rescue, volume)
-            btrfsutil.delete_subvolume(str(rescue))
-            _rmdir_quietly(rescue.parent)
+    def swapped(self, volume: Path, copy: str) -> bool:
+        return identity(volume) == copy
+
+    def swap_back(self, volume: Path, rescue: str) -> None:
+        path = Path(rescue)
+        if path.exists():
+            exchange(path, volume)
+            btrfsutil.delete_subvolume(rescue)
+            _rmdir_quietly(path.parent)
         else:  # the restore created the volume: there was nothing before it
             btrfsutil.delete_subvolume(str(volume))
 
-    def seal(self, rescue: Path) -> None:
-        btrfsutil.set_subvolume_read_only(str(rescue), True)
+    def discard(self, volume: Path, rescue: str) -> None:
+        self.delete(rescue)
 
-    def identity(self, volume: Path) -> str | None:
-        try:
-            return btrfsutil.subvolume_info(str(volume)).uuid.hex()
-        except (btrfsutil.BtrfsUtilError, FileNotFoundError):
-            return None
+    def seal(self, rescue: str) -> None:
+        btrfsutil.set_subvolume_read_only(rescue, True)
+
+
+def identity(volume: Path) -> str | None:
+    """What tells this subvolume from every other (its UUID): gc compares it with the copy a
+    dead restore journaled, to tell whether the swap happened."""
+    try:
+        return btrfsutil.subvolume_info(str(volume)).uuid.hex()
+    except (btrfsutil.BtrfsUtilError, FileNotFoundError):
+        return None
 
 
 def is_mount_point(path: Path) -> bool:

@@ -18,21 +18,36 @@ class NoSnapshot:
     def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
         return None
 
+    def find(self, volume: Path, ckpt_id: str, n: int) -> str | None:
+        return None
+
+    def exists(self, snapshot: str) -> bool:
+        return False
+
+    def state(self, snapshot: str) -> str:
+        return "none"
+
     def delete(self, snapshot: str) -> None:
         pass
 
-    def check_target(self, volume: Path) -> None:
+    def check_restore(self, volume: Path, snapshot: str | None, processes: bool) -> None:
         self.check(volume)
 
-    def swap_in(self, snapshot: str, volume: Path, rescue: Path,
+    def rescue(self, volume: Path, rescue: str, n: int) -> str:
+        return ""
+
+    def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         pass
 
-    def swap_back(self, volume: Path, rescue: Path) -> None:
+    def swapped(self, volume: Path, copy: str) -> bool:
+        return False
+
+    def swap_back(self, volume: Path, rescue: str) -> None:
         pass
 
-    def seal(self, rescue: Path) -> None:
+    def discard(self, volume: Path, rescue: str) -> None:
         pass
 
-    def identity(self, volume: Path) -> str | None:
-        return None
+    def seal(self, rescue: str) -> None:
+        pass
