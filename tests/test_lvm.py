@@ -34,6 +34,7 @@ from fscr.snapshot.lvm import (
     Lvm,
     merge_commands,
     mount_command,
+    remove_command,
     size_args,
     size_bytes,
     snapshot_command,
@@ -333,6 +334,10 @@ def lv_names(vg: str) -> list[str]:
     return sorted(lv.lv_name for lv in Lvm().lvs(vg))
 
 
+def in_test_mode(argv: list[str]) -> str:
+    return lvm(argv[0], "--test", *argv[1:])
+
+
 @needs_dm
 def test_lvm2_accepts_the_commands_in_its_test_mode(lvm_volumes):
     vg = lvm_volumes.vg
@@ -340,7 +345,34 @@ def test_lvm2_accepts_the_commands_in_its_test_mode(lvm_volumes):
     for argv in (snapshot_command(lv["srv"], "fscr_t_0", None),
                  snapshot_command(lv["srv"], "fscr_t_0", "8M"),
                  snapshot_command(lv["tsrv"], "fscr_t_0", None)):
-        lvm(*argv[:1], "--test", *argv[1:])
+        in_test_mode(argv)
+    # Restore and merge need a snapshot that exists: made for real, then tested.
+    lvm(*snapshot_command(lv["srv"], "fscr_t_0", "8M"))
+    snap = next(x for x in Lvm().lvs(vg) if x.lv_name == "fscr_t_0")
+    mount = Mount("ext4", str(lvm_volumes.classic), "rw", "", "rw,relatime", (0, 0))
+    _umount, convert, deactivate, activate, _mount = merge_commands(lv["srv"], "fscr_t_0",
+                                                                     mount)
+    for argv in (convert, deactivate, activate, remove_command(snap.full)):
+        in_test_mode(argv)
+    lvm(*remove_command(snap.full))
+
+
+@needs_dm
+def test_a_classic_snapshot_that_filled_up_is_reported_not_used(lvm_volumes, workloads,
+                                                                store):
+    vol = lvm_volumes.classic
+    pid, _ = workloads.start("counter", str(vol))
+    wait_for(lambda: len(lines(vol / "history")) > 3)
+    m = json.loads(fscr("checkpoint", "--json", "--snapshot", "lvm", "--lvm-size", "4M",
+                        "--pid", str(pid), "--volume", str(vol), store=store).stdout)
+    with open(vol / "fill", "wb") as f:  # more changes than the 4 MiB snapshot can hold
+        f.write(os.urandom(16 << 20))
+        os.fsync(f.fileno())
+    shown = json.loads(fscr("show", "--json", m["id"], store=store).stdout)
+    assert shown["volumes"][0]["state"].startswith("invalid")
+    p = fscr("restore", m["id"], "--replace", "--volumes-only", store=store, check=False)
+    assert p.returncode == 9 and "is invalid: it filled up" in p.stderr
+    assert alive(pid)
 
 
 @needs_dm
