@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import preflight
+from . import preflight, snapshot
 from .backends import criu
 from .errors import FscrError
 from .names import FSCR_GROUP
@@ -150,9 +150,15 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
             ok = path is not None and os.path.exists(path)
             rows.append(Row("network namespace", ok, True, f"{path} present" if ok else
                             f"{path or 'its namespace'} missing: recreate it first"))
+    provider = snapshot.get(m.snapshot)
     for v in m.volumes:
-        ok = v.snapshot is None or Path(v.snapshot).is_dir()
-        rows.append(Row(f"volume {v.path}", ok, True,
-                        f"snapshot {v.snapshot} present" if ok else f"{v.snapshot} missing"))
+        if v.snapshot is None:
+            continue
+        try:
+            state = provider.state(v.snapshot)
+        except FscrError as e:
+            state = f"unknown ({e})"
+        rows.append(Row(f"volume {v.path}", state.startswith("present"), True,
+                        f"snapshot {v.snapshot}: {state}"))
     return rows
 

@@ -164,6 +164,9 @@ def test_show_prints_the_digest_a_user_can_check(btrfs_volume, workloads, store)
                    check=True, capture_output=True)
     text = fscr("show", m["id"], store=store).stdout
     assert f"snapshot {m['volumes'][0]['snapshot']} (missing)" in text
+    doctor = fscr("doctor", "--for", m["id"], "--json", store=store, check=False)
+    row = next(r for r in json.loads(doctor.stdout)["checks"] if r["name"] == f"volume {vol}")
+    assert doctor.returncode == 11 and not row["ok"] and row["detail"].endswith(": missing")
 
 
 # --- the manifest as untrusted input: mutated many times, restore must refuse every one ---
