@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import alive, fscr, lines, sh, wait_for
 
+from fscr import relink
 from fscr.errors import BadInput, BadManifest, BadVolume, SnapshotFailed
 from fscr.fsutil import Mount
 from fscr.manifest import Manifest
@@ -147,6 +148,22 @@ def test_a_manifest_names_only_its_own_lvm_snapshots(btrfs_volume, workloads, st
                 str(vol.parent / ".fscr-snapshots" / m["id"] / "0")):
         with pytest.raises(BadManifest, match="expected /dev/<vg>/fscr_"):
             Manifest.from_bytes(with_snapshot(bad), "m")
+
+
+def test_relinks_stay_on_a_read_only_view(btrfs_volume):
+    """A classic LVM snapshot is restored as a read-only mount: the restore's last step, which
+    unlinks the relinks, leaves them there (as in the snapshot) instead of failing."""
+    vol = btrfs_volume.path
+    d = vol / "lost+found" / "checkpoint"
+    d.mkdir(parents=True, mode=0o700)
+    (d / "unlink-at-restart-c1-0").write_text("kept")
+    sh("mount", "-o", "remount,ro", str(btrfs_volume.mnt))
+    try:
+        assert relink.remove_relinks(vol, "c1") == []
+        assert (d / "unlink-at-restart-c1-0").read_text() == "kept"
+    finally:
+        sh("mount", "-o", "remount,rw", str(btrfs_volume.mnt))
+    assert relink.remove_relinks(vol, "c1") == ["unlink-at-restart-c1-0"]
 
 
 # ----------------------------------------------------------------- the commands fscr runs

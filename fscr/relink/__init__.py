@@ -209,6 +209,8 @@ def remove_relinks(volume: Path, ckpt_id: str) -> list[str]:
         return []
     try:
         removed = _ours(os.listdir(dirfd), ckpt_id)
+        if removed and os.fstatvfs(dirfd).f_flag & os.ST_RDONLY:
+            return []  # a read-only view of a snapshot (LVM) keeps them, as the snapshot does
         for name in removed:
             os.unlink(name, dir_fd=dirfd)
         if removed:
