@@ -165,11 +165,12 @@ def plan_restore(store: Store, run: Run) -> Plan:
     for e in reversed(swaps):
         vol, rescue, copy = Path(e["volume"]), e["rescue"], copies.get(e["volume"])
         if copy is not None and provider.swapped(vol, copy):
-            plan.add(f"put {vol} back as it was before the restore",
-                     lambda v=vol, r=rescue: provider.swap_back(v, r))
-        elif copy is not None or provider.exists(rescue):
-            plan.add(f"remove the restore's unused copy of {vol}",
-                     lambda v=vol, r=rescue: provider.discard(v, r))
+            what = f"put {vol} back as it was before the restore"
+        elif copy is not None or provider.leftover(vol, rescue):
+            what = f"remove the restore's unused copy of {vol}"
+        else:
+            continue
+        plan.add(what, lambda v=vol, r=rescue, c=copy: provider.undo(v, r, c))
     _relink_steps(plan)
     return plan
 

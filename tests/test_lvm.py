@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import _umount as umount
 from conftest import alive, fscr, lines, sh, wait_for
 
 from fscr import relink
@@ -33,6 +34,7 @@ from fscr.snapshot.devices import DeviceWatch, attribute
 from fscr.snapshot.lvm import (
     LogicalVolume,
     Lvm,
+    Remount,
     merge_commands,
     mount_command,
     remove_command,
@@ -64,7 +66,8 @@ def lv_row(name: str, attr: str, segtype: str = "linear", origin: str = "", pool
 
 CLASSIC = lv_row("srv", "-wi-ao----")
 THIN = lv_row("srv", "Vwi-aotz--", segtype="thin", pool="pool")
-MOUNT = Mount("ext4", "/srv/app", "rw", "/dev/mapper/data-srv", "rw,noatime", (254, 3))
+MOUNT = Remount.of(Mount("ext4", "/srv/app", "rw,errors=remount-ro", "/dev/mapper/data-srv",
+                         "rw,noatime", (254, 3)))
 
 
 # ----------------------------------------------------------------- a real volume group
@@ -198,8 +201,6 @@ def test_mount_and_merge_commands():
     assert merge_commands(CLASSIC, "fscr_c1_0", MOUNT) == [
         ["umount", "/srv/app"],
         ["lvconvert", "--merge", "data/fscr_c1_0"],
-        ["lvchange", "--activate", "n", "data/srv"],
-        ["lvchange", "--activate", "y", "data/srv"],
         ["mount", "-t", "ext4", "-o", "noatime", "/dev/data/srv", "/srv/app"],
     ]
 
@@ -343,7 +344,7 @@ def lvm_volumes(vg: str, tmp_path: Path, workloads) -> Iterator[LvmVolumes]:  # 
         workloads.kill_all()
         for mnt in (made.classic, made.thin):  # restores stack mounts: take them all off
             while subprocess.run(["mountpoint", "-q", str(mnt)]).returncode == 0:
-                subprocess.run(["umount", str(mnt)], check=True)
+                umount(mnt)
         subprocess.run(["vgchange", "-an", vg], capture_output=True, env=LVM_ENV)
 
 
@@ -366,10 +367,9 @@ def test_lvm2_accepts_the_commands_in_its_test_mode(lvm_volumes):
     # Restore and merge need a snapshot that exists: made for real, then tested.
     lvm(*snapshot_command(lv["srv"], "fscr_t_0", "8M"))
     snap = next(x for x in Lvm().lvs(vg) if x.lv_name == "fscr_t_0")
-    mount = Mount("ext4", str(lvm_volumes.classic), "rw", "", "rw,relatime", (0, 0))
-    _umount, convert, deactivate, activate, _mount = merge_commands(lv["srv"], "fscr_t_0",
-                                                                     mount)
-    for argv in (convert, deactivate, activate, remove_command(snap.full)):
+    mount = Remount(point=str(lvm_volumes.classic), fstype="ext4", options=[])
+    _umount, convert, _mount = merge_commands(lv["srv"], "fscr_t_0", mount)
+    for argv in (convert, remove_command(snap.full)):
         in_test_mode(argv)
     lvm(*remove_command(snap.full))
 
@@ -404,6 +404,8 @@ def test_thin_volume_checkpointed_and_restored_by_mounting_a_copy(lvm_volumes, w
     assert snap == f"/dev/{vg}/fscr_{m['id']}_0" and f"fscr_{m['id']}_0" in lv_names(vg)
     wait_for(lambda: not alive(pid), 5, "the tree to be killed")
     at_kill = lines(vol / "history")
+    refused = fscr("restore", m["id"], "--rollback", store=store, check=False)
+    assert refused.returncode == 15 and "is thin" in refused.stderr
 
     fscr("restore", m["id"], store=store)
     after = wait_for(lambda: (v := lines(vol / "history")) and len(v) > len(at_kill) + 5 and v,
@@ -412,7 +414,7 @@ def test_thin_volume_checkpointed_and_restored_by_mounting_a_copy(lvm_volumes, w
     assert [n for n in lv_names(vg) if n.startswith("fscr_restored_")]
     # The checkpoint's snapshot is untouched, and deleting the checkpoint removes it.
     workloads.kill_all()
-    subprocess.run(["umount", str(vol)], check=True)
+    umount(vol)
     fscr("delete", m["id"], store=store)
     assert f"fscr_{m['id']}_0" not in lv_names(vg)
 

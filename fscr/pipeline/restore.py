@@ -94,7 +94,7 @@ class _Restore:
                     pid = self.restore_processes()
         except BaseException as e:
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
-                undo_swap(self.provider, sw.volume, sw.rescue, sw.copy)
+                self.provider.undo(sw.volume, sw.rescue, sw.copy)
             self.journal.close()
             if isinstance(e, FscrError) and swapped:
                 killed = " (the old tree was killed by --replace)" if live else ""
@@ -228,14 +228,6 @@ class Swap:
     volume: Path
     rescue: str
     copy: str | None = None  # what swap_in made, once it has (the journal's "copy")
-
-
-def undo_swap(provider: snapshot.Provider, volume: Path, rescue: str, copy: str | None) -> None:
-    """Undo what a swap_in did, whether or not it got as far as the swap itself."""
-    if copy is not None and provider.swapped(volume, copy):
-        provider.swap_back(volume, rescue)
-    else:
-        provider.discard(volume, rescue)
 
 
 def placement(m: Manifest) -> netns.Placement:

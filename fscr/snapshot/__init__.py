@@ -56,12 +56,12 @@ class Provider(Protocol):
     def swapped(self, volume: Path, copy: str) -> bool:
         """Whether the swap of `copy` (as passed to made) into `volume` happened."""
 
-    def swap_back(self, volume: Path, rescue: str) -> None:
-        """Undo a swap that happened: the volume holds again what `rescue` kept, and the
-        restored copy is removed (or, if the restore created the volume, the volume is)."""
+    def leftover(self, volume: Path, rescue: str) -> bool:
+        """Whether a swap_in that died before calling made left anything behind."""
 
-    def discard(self, volume: Path, rescue: str) -> None:
-        """Undo a swap_in that stopped before its swap: remove its copy and rescue."""
+    def undo(self, volume: Path, rescue: str, copy: str | None) -> None:
+        """Undo a swap_in, however far it got (`copy` is what it passed to made, if it did):
+        the volume holds again what it held before, and what the restore made is removed."""
 
     def seal(self, rescue: str) -> None:
         """Make a rescue read-only once the restore succeeded."""

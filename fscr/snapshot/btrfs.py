@@ -133,17 +133,19 @@ class Btrfs:
     def swapped(self, volume: Path, copy: str) -> bool:
         return identity(volume) == copy
 
-    def swap_back(self, volume: Path, rescue: str) -> None:
+    def leftover(self, volume: Path, rescue: str) -> bool:
+        return Path(rescue).exists()
+
+    def undo(self, volume: Path, rescue: str, copy: str | None) -> None:
         path = Path(rescue)
-        if path.exists():
+        if copy is None or not self.swapped(volume, copy):
+            self.delete(rescue)  # the copy, never swapped in
+        elif path.exists():
             exchange(path, volume)
             btrfsutil.delete_subvolume(rescue)
             _rmdir_quietly(path.parent)
         else:  # the restore created the volume: there was nothing before it
             btrfsutil.delete_subvolume(str(volume))
-
-    def discard(self, volume: Path, rescue: str) -> None:
-        self.delete(rescue)
 
     def seal(self, rescue: str) -> None:
         btrfsutil.set_subvolume_read_only(rescue, True)

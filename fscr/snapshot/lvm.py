@@ -13,11 +13,13 @@ Restore puts a checkpoint's contents at the volume's path in one of two ways:
   snapshot itself read-only (a classic snapshot cannot be snapshotted, so only a --volumes-only
   restore may use it), mounted over the volume. The volume's LV stays mounted beneath, as it
   was: `umount <volume>` shows it again. The checkpoint's snapshot is never written.
-- rollback (--rollback): the origin itself goes back, with `lvconvert --merge`. A rescue
-  snapshot of the origin keeps what it held; the volume is unmounted, the merge is started and
-  the origin deactivated and activated again, which is when lvm2 carries the merge out (a
-  merge into an open origin waits for its next activation). A thin checkpoint merges a thin
-  copy and keeps its snapshot; a classic one merges, and so uses up, its snapshot.
+- rollback (--rollback, classic snapshots): the origin itself goes back. A rescue snapshot of
+  the origin keeps what it held; the volume is unmounted and `lvconvert --merge` merges the
+  checkpoint's snapshot into the closed origin (lvm2 would put off a merge into an open
+  origin until its next activation, so fscr refuses an origin still open elsewhere) and
+  returns once it is done; the volume is mounted again. The merge uses the snapshot up.
+  A thin volume restores writable by mount; merging a thin snapshot would detach the volume's
+  other thin snapshots (its rescue among them) from it, leaving no way back: refused.
 
 The commands are built by the functions below (docs/lvm.md lists them in order, and a test
 checks the list against them). `lvs --reportformat json` is read through a validator.
@@ -32,7 +34,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import sh
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -92,7 +94,7 @@ def run(argv: list[str]) -> str:
     except sh.ErrorReturnCode as e:
         lines = e.stderr.decode(errors="replace").strip().splitlines()
         why = lines[-1].strip() if lines else f"exit status {e.exit_code}"
-        error = NoSpace if "Insufficient free space" in why else SnapshotFailed
+        error = NoSpace if "insufficient free space" in why.lower() else SnapshotFailed
         raise error(f"`{' '.join(argv)}` failed: {why}") from None
 
 
@@ -128,7 +130,11 @@ class LogicalVolume(BaseModel):
 
     @property
     def classic_snapshot(self) -> bool:
-        return self.lv_attr[0] in "sS"  # (s)napshot, merging (S)napshot
+        return self.lv_attr[0] in "sS" and not self.thin  # (s)napshot, merging (S)napshot
+
+    @property
+    def open(self) -> bool:
+        return self.lv_attr[5] == "o"
 
     @property
     def invalid(self) -> bool:
@@ -175,7 +181,9 @@ def size_args(spec: str) -> list[str]:
     """lvcreate's size options for a classic snapshot: a size (lvm2 units, 512M, 2G) or a
     percentage of the origin (20%ORIGIN)."""
     m = SIZE_PATTERN.fullmatch(spec)
-    if m is None or (m["percent"] is not None and not 0 < int(m["percent"]) <= 100):
+    if m is None or (m["percent"] is not None and not 0 < int(m["percent"]) <= 100) or (
+            m["bytes"] and m["bytes"][-1] in "bB" and not (  # lvm2: whole 512-byte sectors
+                m["bytes"][:-1].isdigit() and int(m["bytes"][:-1]) % 512 == 0)):
         raise BadInput(f"invalid --lvm-size {spec!r}: use a size such as 2G or 512M, or a "
                         "percentage of the origin such as 20%ORIGIN")
     return ["--size", spec] if m["bytes"] else ["--extents", spec]
@@ -217,25 +225,42 @@ def mount_command(device: str, volume: Path, fstype: str, options: list[str]) ->
             str(volume)]
 
 
-def merge_commands(origin: LogicalVolume, merged: str, mount: Mount) -> list[list[str]]:
-    """Roll the origin back to the snapshot `merged`: unmount, start the merge, and cycle the
-    origin's activation, which is when lvm2 carries a merge out; then mount it as it was."""
+class Remount(BaseModel):
+    """Where and how a volume was mounted, to mount it again after a merge."""
+
+    model_config = ConfigDict(frozen=True)
+    point: str
+    fstype: str
+    options: list[str]  # the mount's own flags (ro, nosuid, noatime...), not "rw"
+
+    @classmethod
+    def of(cls, mount: Mount) -> Remount:
+        # Not the filesystem's options as the kernel shows them: mount(8) refuses some.
+        return cls(point=mount.point, fstype=mount.fstype,
+                   options=[o for o in mount.options.split(",") if o and o != "rw"])
+
+
+def merge_commands(origin: LogicalVolume, merged: str, mount: Remount) -> list[list[str]]:
+    """Roll the origin back to its snapshot `merged`: unmount, merge (lvconvert returns once
+    the merge into the closed origin is done, and removes the snapshot), mount again."""
     return [
         ["umount", mount.point],
         ["lvconvert", "--merge", f"{origin.vg_name}/{merged}"],
-        ["lvchange", "--activate", "n", origin.full],
-        ["lvchange", "--activate", "y", origin.full],
-        mount_command(origin.path, Path(mount.point), mount.fstype, _own_options(mount)),
+        mount_command(origin.path, Path(mount.point), mount.fstype, mount.options),
     ]
 
 
-def _own_options(mount: Mount) -> list[str]:
-    # The mount's own flags (ro, nosuid, noatime...), which mount(8) always takes back; not
-    # the filesystem's as the kernel shows them, some of which it does not take as options.
-    return [o for o in mount.options.split(",") if o and o != "rw"]
-
-
 # ------------------------------------------------------------------------------ the provider
+
+class Swap(BaseModel):
+    """What a restore's swap_in did, journaled (as JSON) before it changes the volume: how
+    the volume gets the checkpoint's contents, and the LV that gives them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    how: Literal["mount", "merge"]
+    lv: str  # vg/name: the LV mounted over the volume, or the snapshot merged into it
+    mount: Remount  # the volume's mount before the restore
+
 
 class Lvm:
     name = "lvm"
@@ -251,14 +276,17 @@ class Lvm:
     # --- what lvm2 knows
 
     def lvs(self, vg: str | None = None) -> list[LogicalVolume]:
-        return parse_report(self.run(lvs_command(vg)), "lv", LogicalVolume)
+        rows = parse_report(self.run(lvs_command(vg)), "lv", LogicalVolume)
+        return list({lv.lv_uuid: lv for lv in rows}.values())  # one row per segment
 
     def vgs(self, vg: str | None = None) -> list[VolumeGroup]:
         return parse_report(self.run(vgs_command(vg)), "vg", VolumeGroup)
 
     def lookup(self, lv_path: str) -> LogicalVolume | None:
-        """The LV at /dev/<vg>/<name>, None if lvm2 does not know it."""
-        vg, name = split(lv_path)
+        """The LV fscr made at /dev/<vg>/<name>, None if lvm2 does not know it."""
+        return self._find(*split(lv_path))
+
+    def _find(self, vg: str, name: str) -> LogicalVolume | None:
         if not any(g.vg_name == vg for g in self.vgs()):
             return None
         return next((lv for lv in self.lvs(vg) if lv.lv_name == name), None)
@@ -275,12 +303,17 @@ class Lvm:
                             "LVM logical volume")
         return found[0], mount
 
+    def _need_room(self, lv: LogicalVolume, need: int, what: str) -> None:
+        vg = self.vgs(lv.vg_name)[0]
+        if vg.vg_free < need:
+            raise NoSpace(f"volume group {vg.vg_name} has {vg.vg_free >> 20} MiB free; {what} "
+                          f"needs {need >> 20} MiB")
+
     # --- checkpoint
 
     def check(self, volume: Path) -> None:
         require()
         lv, mount = self.origin(volume)
-        self.checked[volume] = lv  # create() runs in the frozen window: no lvs there
         if mount.fstype == "btrfs":
             raise BadVolume(f"volume {volume} is btrfs: an LVM snapshot of it would show the "
                             "same filesystem UUID twice; use --snapshot btrfs")
@@ -289,11 +322,9 @@ class Lvm:
                             "lvm2 cannot snapshot it")
         if not lv.thin:
             spec = self.size or DEFAULT_SIZE
-            need, vg = size_bytes(spec, lv), self.vgs(lv.vg_name)[0]
-            if vg.vg_free < need:
-                raise NoSpace(f"volume group {vg.vg_name} has {vg.vg_free >> 20} MiB free; a "
-                              f"snapshot of {lv.full} of {spec} needs {need >> 20} MiB: "
-                              "lower --lvm-size or extend the group")
+            self._need_room(lv, size_bytes(spec, lv), f"a snapshot of {lv.full} of {spec} "
+                            "(lower --lvm-size or extend the group)")
+        self.checked[volume] = lv  # create() runs in the frozen window: no lvs there
 
     def create(self, volume: Path, ckpt_id: str, n: int) -> str | None:
         lv = self.checked.get(volume) or self.origin(volume)[0]
@@ -356,13 +387,24 @@ class Lvm:
                               "what it held is lost")
         lv, _ = self.origin(volume)
         if self.rollback:
+            if snap.thin:
+                raise Refused(f"--rollback merges classic snapshots; {snap.full} is thin: "
+                              "restore it without --rollback (a writable copy is mounted)")
             if snap.origin != lv.lv_name or snap.vg_name != lv.vg_name:
                 raise Refused(f"--rollback: {volume} is mounted from {lv.full}, not from "
                               f"{snap.vg_name}/{snap.origin}, the snapshot's origin")
+            self._need_room(lv, self._rescue_bytes(snap, lv),
+                            f"the rescue snapshot of {lv.full} (what --rollback replaces)")
         elif not snap.thin and processes:
             raise Refused(f"snapshot {snap.full} is a classic snapshot: it can only be mounted "
                           "read-only, which a restored tree cannot write to. Use --rollback "
                           "(merge it into its origin) or --volumes-only (a read-only view)")
+
+    def _rescue_bytes(self, snap: LogicalVolume, origin: LogicalVolume) -> int:
+        # The merge copies up to the snapshot's size into the origin, and the restored tree
+        # writes on: room for both, or the rescue fills up and is lost.
+        need = snap.lv_size + size_bytes(DEFAULT_SIZE, origin)
+        return -(-need // 512) * 512
 
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return f"/dev/{self.origin(volume)[0].vg_name}/{lv_rescue_name(rescue, n)}"
@@ -372,91 +414,93 @@ class Lvm:
         snap = self.lookup(snapshot)
         if snap is None:
             raise SnapshotFailed(f"snapshot {snapshot} is missing")
+        origin, mount = self.origin(volume)
         if self.rollback:
-            self._roll_back(snap, volume, rescue, made)
+            self.run(snapshot_command(origin, split(rescue)[1],
+                                      f"{self._rescue_bytes(snap, origin)}b", writable=True))
+            swap = Swap(how="merge", lv=snap.full, mount=Remount.of(mount))
+            made(swap.model_dump_json())
+            self._merge(origin, snap.lv_name, swap.mount)
             return
-        _, mount = self.origin(volume)
         if snap.thin:
             copy = restored_name(rescue)
             device = self._made(snapshot_command(snap, copy, None, writable=True, active=True),
                                 snap.vg_name, copy)
-            made(f"{snap.vg_name}/{copy}")
+            swap = Swap(how="mount", lv=f"{snap.vg_name}/{copy}", mount=Remount.of(mount))
             options: list[str] = []
         else:
             device, options = snap.path, ["ro"]
-            made(snap.full)
+            swap = Swap(how="mount", lv=snap.full, mount=Remount.of(mount))
+        made(swap.model_dump_json())
         self.run(mount_command(device, volume, mount.fstype, options))
 
-    def _roll_back(self, snap: LogicalVolume, volume: Path, rescue: str,
-                   made: Callable[[str], None]) -> None:
-        origin, mount = self.origin(volume)
-        vg = origin.vg_name
-        # What the volume holds now, kept as the rescue; a classic one as large as the
-        # checkpoint's snapshot, enough for the changes the merge makes to the origin.
-        self.run(snapshot_command(origin, split(rescue)[1], None if origin.thin
-                                  else f"{snap.lv_size}b", writable=True))
-        # lvm2 merges a snapshot into its own origin, so the checkpoint's snapshot itself is
-        # merged. A thin one is copied first, and the copy takes its name after the merge:
-        # the checkpoint keeps its contents (a classic snapshot cannot be copied: used up).
-        keep = restored_name(rescue) if snap.thin else ""
-        if keep:
-            try:
-                self.run(snapshot_command(snap, keep, None))
-            except SnapshotFailed:
-                self.delete(rescue)
-                raise
-        made(f"merge:{vg}/{snap.lv_name}:{keep}")
-        self._merge(origin, snap.lv_name, mount)
-        if keep:
-            self.run(["lvrename", vg, keep, snap.lv_name])
-
-    def _merge(self, origin: LogicalVolume, merged: str, mount: Mount) -> None:
-        umount, convert, deactivate, activate, remount = merge_commands(origin, merged, mount)
+    def _merge(self, origin: LogicalVolume, merged: str, mount: Remount) -> None:
+        umount, convert, remount = merge_commands(origin, merged, mount)
         if mount_at(Path(mount.point)) is not None:
-            self.run(umount)  # busy: nothing has changed yet
+            self.run(umount)  # busy: nothing has changed
         try:
+            now = self._find(origin.vg_name, origin.lv_name)
+            if now is not None and now.open:
+                raise SnapshotFailed(
+                    f"{origin.full} is still open after unmounting {mount.point} (mounted in "
+                    "another mount namespace, or held by a process): lvm2 would merge at its "
+                    "next activation, unseen; refusing")
             self.run(convert)
         except SnapshotFailed:
             self.run(remount)  # the origin is as it was: mounted again, the error stands
             raise
-        # From here the merge is lvm2's to finish: it runs when the origin is next activated.
-        self.run(deactivate)
-        self._activated(activate, origin.vg_name, origin.lv_name)
         self.run(remount)
 
     def swapped(self, volume: Path, copy: str) -> bool:
-        if copy.startswith("merge:"):  # rolled back: the merged snapshot is gone or merging,
-            merged, _, keep = copy.removeprefix("merge:").partition(":")  # or renamed over
-            lv = self.lookup(f"/dev/{merged}")
-            vg = merged.partition("/")[0]
-            return lv is None or lv.merging or (keep != "" and not self.exists(f"/dev/{vg}/{keep}"))
+        swap = _swap(copy)
+        if swap.how == "merge":  # the merged snapshot is gone, or merging
+            lv = self.lookup(f"/dev/{swap.lv}")
+            return lv is None or lv.merging
         try:
-            return self.origin(volume)[0].full == copy
+            return self.origin(volume)[0].full == swap.lv
         except BadVolume:
             return False
 
-    def swap_back(self, volume: Path, rescue: str) -> None:
-        saved = self.lookup(rescue)
-        if saved is not None:  # a rollback: merge back what the volume held before it
-            origin = self.lookup(f"/dev/{saved.vg_name}/{saved.origin}")
-            mount = mount_at(volume)
-            if origin is None or mount is None:
-                raise SnapshotFailed(f"cannot put {volume} back by itself: activate and mount "
-                                     f"its LV, then `lvconvert --merge {saved.full}`")
-            self._merge(origin, saved.lv_name, mount)
-            return
-        top, _ = self.origin(volume)  # a mount: fscr's LV is on top of the volume's own
-        if top.lv_name.startswith(LV_PREFIX):
-            self.run(["umount", str(volume)])
-            if top.lv_name.startswith(f"{LV_PREFIX}restored_"):
-                self.run(remove_command(top.full))
+    def leftover(self, volume: Path, rescue: str) -> bool:
+        return self.exists(rescue) or self.exists(_restored_path(rescue))
 
-    def discard(self, volume: Path, rescue: str) -> None:
-        for lv in (rescue, f"/dev/{split(rescue)[0]}/{restored_name(rescue)}"):
-            self.delete(lv)
+    def undo(self, volume: Path, rescue: str, copy: str | None) -> None:
+        swap = _swap(copy) if copy is not None else None
+        done = copy is not None and self.swapped(volume, copy)
+        if swap is not None and swap.how == "merge":
+            vg, name = split(rescue)
+            if done:  # the origin holds the checkpoint's contents: merge the rescue back
+                saved = self._find(vg, name)
+                base = saved and self._find(vg, saved.origin)
+                if saved is None or base is None:
+                    raise SnapshotFailed(f"cannot put {volume} back: its rescue {vg}/{name} "
+                                         "is gone")
+                self._merge(base, name, swap.mount)
+                return
+            snap = self._find(*swap.lv.split("/"))  # not merged: still there
+            base = snap and self._find(vg, snap.origin)
+            if mount_at(Path(swap.mount.point)) is None and base is not None:
+                m = swap.mount  # fscr stopped after the umount: mount it again
+                self.run(mount_command(base.path, Path(m.point), m.fstype, m.options))
+            self.delete(rescue)
+            return
+        if done and swap is not None:  # fscr's LV is mounted over the volume's own
+            self.run(["umount", str(volume)])
+        self.delete(_restored_path(rescue))  # never the checkpoint's own snapshot
+        self.delete(rescue)
 
     def seal(self, rescue: str) -> None:
-        self.run(["lvchange", "--permission", "r", rescue.removeprefix("/dev/")])
+        lv = self.lookup(rescue)
+        if lv is not None and lv.lv_attr[1] != "r":  # lvchange refuses "already read only"
+            self.run(["lvchange", "--permission", "r", lv.full])
+
+
+def _swap(copy: str) -> Swap:
+    try:
+        return Swap.model_validate_json(copy)
+    except ValidationError:
+        raise BadManifest(f"a journal names an LVM swap fscr does not know: {copy[:80]}") \
+            from None
 
 
 def require() -> None:
@@ -477,6 +521,10 @@ def split(lv_path: str) -> tuple[str, str]:
             or not re.fullmatch(VG_PATTERN, parts[2]):
         raise BadManifest(f"{lv_path} is not an LV fscr made (/dev/<vg>/{LV_PREFIX}...)")
     return parts[2], parts[3]
+
+
+def _restored_path(rescue: str) -> str:
+    return f"/dev/{split(rescue)[0]}/{restored_name(rescue)}"
 
 
 def restored_name(rescue: str) -> str:

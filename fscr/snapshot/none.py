@@ -43,10 +43,10 @@ class NoSnapshot:
     def swapped(self, volume: Path, copy: str) -> bool:
         return False
 
-    def swap_back(self, volume: Path, rescue: str) -> None:
-        pass
+    def leftover(self, volume: Path, rescue: str) -> bool:
+        return False
 
-    def discard(self, volume: Path, rescue: str) -> None:
+    def undo(self, volume: Path, rescue: str, copy: str | None) -> None:
         pass
 
     def seal(self, rescue: str) -> None:
