@@ -127,8 +127,10 @@ class Bed:
             with open(self.vol / "data", "wb") as f:
                 for _ in range(case.data_mb):
                     f.write(block)
-            os.sync()
             self.data_mb = case.data_mb
+        # Every run starts with nothing left to write back: the images and copies of the run
+        # before (1 GB and more in the big cases) would otherwise be flushed during this one.
+        os.sync()
         if running:
             return
         (self.vol / "ready").unlink(missing_ok=True)
