@@ -175,13 +175,19 @@ def run_fscr(bed: Bed, backend: str, restore: bool) -> Result:
     res = Result(Case(), "fscr" if backend == "criu" else "freeze-only",
                  m["durations"]["freeze_window"], total, m["image_bytes"] + copied)
     if restore:
-        wait_pids_free([bed.pid])  # as for CRIU alone: the time to reap is not the restore's
+        # as for CRIU alone: the time to reap is not the restore's
+        wait_pids_free(image_pids(bed.store / "checkpoints" / m["id"] / "images"))
         t0 = time.monotonic()
         restored = bed.fscr("restore", m["id"])
         res.restore_s = time.monotonic() - t0
         res.restore_stages = restored["durations"]
     res.stages = m["durations"]
     return res
+
+
+def image_pids(images: Path) -> list[int]:
+    """Every PID of a dumped tree (CRIU writes one core-PID.img per task)."""
+    return [int(p.name.split("-")[1].split(".")[0]) for p in images.glob("core-*.img")]
 
 
 def wait_pids_free(pids: list[int]) -> None:
@@ -224,8 +230,7 @@ def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
         freeze = time.monotonic() - t0
     res = Result(Case(), "criu+tar" if tar else "criu", freeze, freeze, du(images))
     if restore:
-        wait_pids_free([int(p.name.split("-")[1].split(".")[0])
-                        for p in images.glob("core-*.img")])  # CRIU needs the PIDs free
+        wait_pids_free(image_pids(images))  # CRIU needs the PIDs free
         t0 = time.monotonic()
         out = subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
                               "--restore-detached"], capture_output=True)
