@@ -12,14 +12,18 @@ results/). Configurations, each on the same workload in the same run:
                checkpoints export their root filesystem)
   freeze-only  fscr --backend freeze-only (snapshot only)
 
-The short mode (default) sweeps a little of everything (about four minutes on a 2-core
+The short mode (default) sweeps a little of everything (under two minutes on a 2-core
 machine); --full runs the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file
-of 10 MB and 1 GB; RSS 64 MB and 1 GB; 1, 10 and 100 processes).
+of 10 MB and 1 GB; RSS 64 MB and 1 GB; 1, 10 and 100 processes). results.md states each
+of the issue's targets as a ratio from the run (bench/report.py; `python -m bench.report
+DIR` renders a results.json again).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import ctypes
 import json
 import os
 import shutil
@@ -31,13 +35,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import fscr
 from fscr.backends.criu import require as find_criu
 from fscr.names import FSCR_GROUP
 from fscr.process import freezer
 
+from .report import CONFIGS, MB, label, markdown, plots
+
 HERE = Path(__file__).resolve().parent
 FSCR = Path(sys.executable).parent / "fscr"
-MB = 1 << 20
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,7 @@ class Case:
     procs: int = 1  # processes in the tree
 
     def label(self) -> str:
-        return (f"data {self.data_mb} MB, unlinked {self.unlinked_mb} MB, "
-                f"rss {self.rss_mb} MB, {self.procs} proc")
+        return label(asdict(self))
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Result:
     written_bytes: int
     restore_s: float | None = None
     stages: dict | None = None  # fscr's own stage times
+    restore_stages: dict | None = None  # fscr restore's stage times (of the median restore)
 
 
 def sh(*argv: str) -> str:
@@ -82,6 +89,7 @@ class Bed:
         sh("mount", self.loop, str(self.mnt))
         self.pid: int | None = None
         self.case: Case | None = None
+        self.data_mb: int | None = None  # the volume's data file, written once per size
         self.cg = freezer.ensure(f"{FSCR_GROUP}/bench")
 
     def close(self) -> None:
@@ -92,33 +100,46 @@ class Bed:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def prepare(self, case: Case) -> None:
-        """A fresh workload of `case`; the volume's data is written once per case (a restore
-        puts back the same data), the snapshots and images of earlier runs are removed."""
-        self.stop()
+        """A clean slate for one run of `case`: the snapshots and images of earlier runs are
+        removed; the volume's data is written once per size (a restore puts back the same
+        data); the workload is started once per case and reused across runs and configs (a
+        dump with --leave-running leaves it as it was, a restore brings it back with its PIDs
+        and memory), unless it is gone."""
+        running = case == self.case and bool(self.cg.procs())
+        if not running:
+            self.stop()
         subvolumes = [*self.mnt.glob(".fscr-snapshots/*/*")]
-        if case != self.case:
+        if case.data_mb != self.data_mb:
             subvolumes.append(self.vol)
-        subprocess.run(["btrfs", "subvolume", "delete", *map(str, filter(Path.exists,
-                                                                        subvolumes))],
-                       capture_output=True)
+        subvolumes = [str(v) for v in subvolumes if v.exists()]
+        if subvolumes:
+            # --commit-after: the cleaner frees deleted subvolumes after a transaction commit,
+            # which otherwise comes with btrfs's 30 s commit interval.
+            subprocess.run(["btrfs", "subvolume", "delete", "--commit-after", *subvolumes],
+                           capture_output=True)
         shutil.rmtree(self.mnt / ".fscr-snapshots", ignore_errors=True)
         shutil.rmtree(self.store, ignore_errors=True)
-        if case != self.case:
+        if case.data_mb != self.data_mb:
             # Deleted subvolumes are freed in the background: wait, or the data may not fit.
-            subprocess.run(["btrfs", "subvolume", "sync", str(self.mnt)], capture_output=True)
+            sh("btrfs", "subvolume", "sync", str(self.mnt))
             sh("btrfs", "subvolume", "create", str(self.vol))
             block = os.urandom(MB)
             with open(self.vol / "data", "wb") as f:
                 for _ in range(case.data_mb):
                     f.write(block)
-            os.sync()
-            self.case = case
+            self.data_mb = case.data_mb
+        # Every run starts with nothing left to write back: the images and copies of the run
+        # before (1 GB and more in the big cases) would otherwise be flushed during this one.
+        os.sync()
+        if running:
+            return
         (self.vol / "ready").unlink(missing_ok=True)
         args = [sys.executable, str(HERE / "workload.py"), str(self.vol), str(case.rss_mb),
                 str(case.unlinked_mb), str(case.procs)]
         out = subprocess.run([str(FSCR), "run", "--name", "bench", "--json", "--", *args],
                              check=True, capture_output=True, text=True)
         self.pid = json.loads(out.stdout)["pid"]
+        self.case = case
         deadline = time.monotonic() + 600
         while not (self.vol / "ready").exists():
             if time.monotonic() > deadline:
@@ -130,6 +151,8 @@ class Bed:
             os.kill(pid, signal.SIGKILL)
         while self.cg.procs():
             time.sleep(0.05)
+        reap()
+        self.case = None
 
     def fscr(self, *args: str) -> dict:
         out = subprocess.run([str(FSCR), *args, "--json"], capture_output=True, text=True,
@@ -152,17 +175,36 @@ def run_fscr(bed: Bed, backend: str, restore: bool) -> Result:
     res = Result(Case(), "fscr" if backend == "criu" else "freeze-only",
                  m["durations"]["freeze_window"], total, m["image_bytes"] + copied)
     if restore:
-        wait_pids_free([bed.pid])  # as for CRIU alone: the time to reap is not the restore's
+        # as for CRIU alone: the time to reap is not the restore's
+        wait_pids_free(image_pids(bed.store / "checkpoints" / m["id"] / "images"))
         t0 = time.monotonic()
-        bed.fscr("restore", m["id"])
+        restored = bed.fscr("restore", m["id"])
         res.restore_s = time.monotonic() - t0
+        res.restore_stages = restored["durations"]
     res.stages = m["durations"]
     return res
 
 
+def image_pids(images: Path) -> list[int]:
+    """Every PID of a dumped tree (CRIU writes one core-PID.img per task)."""
+    return [int(p.name.split("-")[1].split(".")[0]) for p in images.glob("core-*.img")]
+
+
 def wait_pids_free(pids: list[int]) -> None:
     while any(Path(f"/proc/{p}").exists() for p in pids):
+        reap()
         time.sleep(0.02)
+
+
+def reap() -> None:
+    """Reap the dead workloads: orphans come to this process (a child subreaper, see main),
+    not to PID 1, which here reaps them about 1.7 s late and so holds the PIDs a restore
+    needs."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
@@ -188,8 +230,7 @@ def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
         freeze = time.monotonic() - t0
     res = Result(Case(), "criu+tar" if tar else "criu", freeze, freeze, du(images))
     if restore:
-        wait_pids_free([int(p.name.split("-")[1].split(".")[0])
-                        for p in images.glob("core-*.img")])  # CRIU needs the PIDs free
+        wait_pids_free(image_pids(images))  # CRIU needs the PIDs free
         t0 = time.monotonic()
         out = subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
                               "--restore-detached"], capture_output=True)
@@ -237,7 +278,12 @@ def write_bandwidth(where: Path, sync: bool) -> float:
     return 512 / secs
 
 
+SEND_MB = 1024  # the volume for the send/receive streams
+
+
 def cases(full: bool) -> list[Case]:
+    """The sweeps, in the order of the report. They run grouped by volume data (each size
+    written once), the size the send streams use last, so the send reuses its volume."""
     if not full:
         return [Case(), Case(data_mb=1024), Case(unlinked_mb=100), Case(procs=10)]
     out = [Case(data_mb=d) for d in (100, 1024, 4096)]
@@ -253,6 +299,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (median)")
     ap.add_argument("--out", default="results", help="results directory")
     args = ap.parse_args()
+    started = time.monotonic()
+    # Orphaned workloads (fscr run and CRIU's restore detach them) become this process's
+    # children, so reap() frees their PIDs at once.
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    # fscr as installed: its bytecode compiled (pip does that; an editable install writes it
+    # on first run unless PYTHONDONTWRITEBYTECODE is set, and then every command would pay
+    # ~0.1 s to compile fscr's modules again).
+    compileall.compile_dir(Path(fscr.__file__).parent, quiet=1)
+    print(f"fscr from {Path(fscr.__file__).parent}, CLI {FSCR}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bed = Bed(Path("/var/tmp/fscr-bench"), 24 if args.full else 8)  # a sparse image
@@ -260,33 +316,65 @@ def main() -> None:
     try:
         bandwidth = {"disk_write_mb_s": round(write_bandwidth(bed.root, True), 1),
                      "cache_write_mb_s": round(write_bandwidth(bed.root, False), 1)}
-        todo = cases(args.full)
+        todo = sorted(cases(args.full), key=lambda c: (c.data_mb == SEND_MB, c.data_mb))
         for i, case in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {case.label()}", file=sys.stderr, flush=True)
-            for config in ("fscr", "criu", "criu+tar", "freeze-only"):
-                runs = []
-                for r in range(args.runs):
-                    restore = r == 0 and config in ("fscr", "criu")
-                    bed.prepare(case)
-                    res = (run_fscr(bed, "criu", restore) if config == "fscr"
-                           else run_fscr(bed, "freeze-only", False) if config == "freeze-only"
-                           else run_criu(bed, config == "criu+tar", restore))
-                    res.case = case
-                    runs.append(res)
-                    print(f"    {config:<12} run {r + 1}: freeze {res.freeze_s * 1000:8.1f} ms, "
-                          f"written {res.written_bytes / MB:8.1f} MB", file=sys.stderr,
-                          flush=True)
-                results.append(median(runs))
+            results += run_case(bed, case, args.runs)
         print("send: full and incremental streams", file=sys.stderr, flush=True)
-        sent = send_sizes(bed, 1024, 10)
+        sent = send_sizes(bed, SEND_MB, 10)
+        order = cases(args.full)
+        results.sort(key=lambda r: order.index(r.case))
     finally:
         bed.close()
-    report = {**bandwidth, "runs": args.runs,
+    report = {**bandwidth, "mode": "full" if args.full else "short", "runs": args.runs,
+              "elapsed_s": round(time.monotonic() - started, 1),
               "results": [asdict(r) for r in results], "send": sent}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
     plots(report, out)
     print((out / "results.md").read_text())
+
+
+def run_case(bed: Bed, case: Case, n: int) -> list[Result]:
+    """`n` runs of every configuration, interleaved (a slow moment of the machine hits them
+    alike), the tree left running; then `n` runs of fscr and of CRIU alone that kill the tree
+    and time its restore. Those are apart: with --kill fscr commits (and checksums the
+    images) before it thaws, and a killed tree's window is no downtime anyone sees."""
+    runs: dict[str, list[Result]] = {c: [] for c in CONFIGS}
+    restores: dict[str, list[Result]] = {"fscr": [], "criu": []}
+    for r in range(n):
+        for config in CONFIGS:
+            bed.prepare(case)
+            res = measure(bed, config, restore=False)
+            runs[config].append(res)
+            print(f"    {config:<12} run {r + 1}: freeze {res.freeze_s * 1000:8.1f} ms, "
+                  f"written {res.written_bytes / MB:8.1f} MB", file=sys.stderr, flush=True)
+    for r in range(n):
+        for config in restores:
+            bed.prepare(case)
+            res = measure(bed, config, restore=True)
+            restores[config].append(res)
+            print(f"    {config:<12} restore {r + 1}: {res.restore_s * 1000:8.1f} ms",
+                  file=sys.stderr, flush=True)
+    out = []
+    for config, done in runs.items():
+        m = median(done)
+        m.case = case
+        if config in restores:
+            by_time = sorted(restores[config], key=lambda x: x.restore_s)
+            mid = by_time[len(by_time) // 2]
+            m.restore_s = statistics.median(x.restore_s for x in by_time)
+            m.restore_stages = mid.restore_stages
+        out.append(m)
+    return out
+
+
+def measure(bed: Bed, config: str, restore: bool) -> Result:
+    if config == "fscr":
+        return run_fscr(bed, "criu", restore)
+    if config == "freeze-only":
+        return run_fscr(bed, "freeze-only", False)
+    return run_criu(bed, config == "criu+tar", restore)
 
 
 def median(runs: list[Result]) -> Result:
@@ -295,58 +383,7 @@ def median(runs: list[Result]) -> Result:
                   statistics.median(r.freeze_s for r in runs),
                   statistics.median(r.total_s for r in runs),
                   int(statistics.median(r.written_bytes for r in runs)),
-                  next((r.restore_s for r in runs if r.restore_s is not None), None),
-                  first.stages)
-
-
-def markdown(report: dict) -> str:
-    lines = [f"Write bandwidth to the store's filesystem (dd, 512 MB): "
-             f"{report['disk_write_mb_s']} MB/s with fdatasync, {report['cache_write_mb_s']} "
-             f"MB/s into the page cache; median of {report['runs']} runs.", "",
-             "| case | config | freeze window (ms) | total (ms) | written (MB) | restore (ms) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in report["results"]:
-        case = Case(**r["case"]).label()
-        restore = f"{r['restore_s'] * 1000:.0f}" if r["restore_s"] is not None else ""
-        lines.append(f"| {case} | {r['config']} | {r['freeze_s'] * 1000:.1f} | "
-                     f"{r['total_s'] * 1000:.0f} | {r['written_bytes'] / MB:.1f} | {restore} |")
-    s = report["send"]
-    lines += ["", f"fscr send, {s['data_mb']} MB volume, then a {s['change_mb']} MB change:", "",
-              "| stream | bytes | seconds |", "| --- | ---: | ---: |"]
-    for kind in ("full", "incremental"):
-        lines.append(f"| {kind} | {s[kind]['bytes']} | {s[kind]['seconds']} |")
-    ratio = s["incremental"]["bytes"] / s["full"]["bytes"]
-    lines.append(f"\nThe incremental stream is {ratio:.1%} of the full one.")
-    return "\n".join(lines) + "\n"
-
-
-def plots(report: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plots (pip install matplotlib)", file=sys.stderr)
-        return
-    rows = report["results"]
-    labels = list(dict.fromkeys(Case(**r["case"]).label() for r in rows))
-    configs = ["fscr", "criu", "criu+tar", "freeze-only"]
-    for metric, title, scale in (("freeze_s", "freeze window (ms)", 1000),
-                                 ("written_bytes", "bytes written (MB)", 1 / MB)):
-        fig, ax = plt.subplots(figsize=(10, 4 + len(labels) * 0.3))
-        width = 0.2
-        for i, c in enumerate(configs):
-            vals = [next((r[metric] * scale for r in rows if r["config"] == c
-                          and Case(**r["case"]).label() == lab), 0) for lab in labels]
-            ax.barh([y + i * width for y in range(len(labels))], vals, width, label=c)
-        ax.set_yticks([y + 1.5 * width for y in range(len(labels))], labels)
-        ax.set_xscale("log")
-        ax.set_xlabel(title)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{metric}.png")
-        plt.close(fig)
+                  None, first.stages)
 
 
 if __name__ == "__main__":

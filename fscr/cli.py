@@ -6,23 +6,40 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
-from . import doctor as doctor_mod
-from . import gc as gc_mod
-from . import pipeline, preflight, transfer
-from . import snapshot as snapshot_kinds
+from . import preflight
 from .errors import FscrError, MissingDependency, Refused
-from .journal import unfinished
-from .manifest import Manifest
-from .process import launch
-from .process.target import Target
-from .store import Store
 
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from . import pipeline
+    from .manifest import Manifest
+    from .process.target import Target
+
+# Start-up is most of a short command's time (a restore's CRIU run is ~0.1 s): each command
+# imports the library it calls inside its body, and rich loads only when it draws something.
+
+
+class _Stderr:
+    """rich's Console on stderr, loaded on first use; plain lines when stderr is no
+    terminal and the text holds no markup, which is every line a script or log sees."""
+
+    _console = None
+
+    def print(self, text: str, markup: bool = True, **kwargs: Any) -> None:
+        if not markup and not sys.stderr.isatty():
+            sys.stderr.write(f"{text}\n")
+            sys.stderr.flush()
+            return
+        if self._console is None:
+            from rich.console import Console
+            _Stderr._console = Console(stderr=True)
+        self._console.print(text, markup=markup, **kwargs)
+
+
+err = _Stderr()
 
 
 def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
@@ -35,7 +52,8 @@ def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
 def progress_printer(as_json: bool) -> pipeline.Progress:
     """Stage names on a terminal; silent for scripts (not a tty, or --json)."""
     if as_json or not sys.stderr.isatty():
-        return pipeline.quiet
+        from .pipeline.common import quiet
+        return quiet
     return lambda stage: err.print(f"[dim]fscr: {stage}…[/dim]")
 
 
@@ -43,6 +61,8 @@ def notice_unfinished(store: str | None) -> None:
     """One line when runs died unfinished: their residue waits for `fscr gc`."""
     if os.geteuid() != 0:
         return
+    from .journal import unfinished
+    from .store import Store
     dead = unfinished(Store.open(store).root)
     if dead:
         ids = ", ".join(f"{r.op} {r.id}" for r in dead)
@@ -54,6 +74,7 @@ def target_of(pid: int | None, cgroup: str | None, name: str | None) -> Target:
     given = [x for x in (pid, cgroup, name) if x is not None]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --pid, --cgroup, --name")
+    from .process.target import Target
     return Target(pid=pid, cgroup=cgroup, name=name)
 
 
@@ -107,6 +128,8 @@ def cli() -> None:
 @json_opt
 def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
     """Check what fscr needs on this machine."""
+    from . import doctor as doctor_mod
+    from .store import Store
     rows = doctor_mod.run_checks()
     if for_id is not None:
         rows += doctor_mod.for_checkpoint(Store.open(store), for_id)
@@ -135,6 +158,8 @@ def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
 def run(name: str | None, log: str | None, netns: str | None, as_json: bool,
         argv: tuple[str, ...]) -> None:
     """Start CMD detached in a cgroup of its own; print its PID."""
+    from . import pipeline
+    from .process import launch
     pipeline.require_root()
     s = launch.run(list(argv), name=name, log=log, netns=netns)
     emit({"pid": s.pid, "cgroup": s.cgroup}, as_json, lambda: click.echo(s.pid))
@@ -172,6 +197,7 @@ def target_opts(f: Callable) -> Callable:
 def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_running, tcp,
                allow, ckpt_id, max_freeze, store, as_json) -> None:  # noqa: ANN001 - options
     """Checkpoint a process tree and its volumes at one frozen instant."""
+    from . import pipeline
     notice_unfinished(store)
     req = pipeline.CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
@@ -189,6 +215,7 @@ def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_ru
 @json_opt
 def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # noqa: ANN001
     """Run only the preflight: what a checkpoint would face. Exit 15 if it would refuse."""
+    from . import pipeline
     req = pipeline.CheckpointRequest(target=target_of(pid, cgroup, name), volumes=list(volumes),
                                      tcp=tcp, allow=parse_allow(allow), store=store)
     report, refusal = pipeline.check(req)
@@ -228,6 +255,7 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
 def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollback: bool,
             store: str | None, as_json: bool) -> None:
     """Put the volumes back and restore the processes; print the new root PID."""
+    from . import pipeline
     notice_unfinished(store)
     r = pipeline.restore(ckpt_id, store, replace=replace, force=force,
                          volumes_only=volumes_only, rollback=rollback,
@@ -241,6 +269,7 @@ def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollba
 @json_opt
 def list_(store: str | None, as_json: bool) -> None:
     """List checkpoints and rescue snapshots."""
+    from .store import Store
     notice_unfinished(store)
     st = Store.open(store)
     rows = [summary(m) for m in st.list()]
@@ -263,12 +292,14 @@ def list_(store: str | None, as_json: bool) -> None:
 @json_opt
 def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Show one checkpoint and its manifest digest."""
+    from .store import Store
     notice_unfinished(store)
     st = Store.open(store)
     m = st.load(ckpt_id)
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],
                                   "cgroup": m.cgroup.model_dump()}
+    from . import snapshot as snapshot_kinds
     provider = snapshot_kinds.get(m.snapshot)
     for v in data["volumes"]:
         try:
@@ -313,6 +344,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
 @json_opt
 def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Delete a checkpoint (snapshots and images) or a rescue snapshot."""
+    from . import pipeline
     notice_unfinished(store)
     removed = pipeline.delete(ckpt_id, store)
     emit({"removed": removed}, as_json, lambda: [click.echo(f"removed {p}") for p in removed])
@@ -324,6 +356,9 @@ def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
 @json_opt
 def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
     """Finish or undo runs whose fscr died: thaw, remove relinks, half-made snapshots."""
+    from . import gc as gc_mod
+    from . import pipeline
+    from .store import Store
     pipeline.require_root()
     report = gc_mod.collect(Store.open(store), dry_run=dry_run)
 
@@ -348,6 +383,7 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
 @store_opt
 def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
     """Write a checkpoint as one stream to stdout (pipe it to ssh, a file, ...)."""
+    from . import transfer
     out = click.get_binary_stream("stdout")
     if out.isatty():
         raise click.UsageError("refusing to write a binary stream to a terminal: redirect it")
@@ -363,6 +399,7 @@ def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
 @json_opt
 def receive(store: str | None, as_json: bool) -> None:
     """Read a stream from stdin into this machine's store and btrfs filesystems."""
+    from . import transfer
     notice_unfinished(store)
     got = transfer.receive(click.get_binary_stream("stdin"), store_dir=store,
                            progress=progress_printer(as_json))

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 
-from . import backup as backup_mod
-from . import pipeline
 from .cli import emit, err, json_opt, notice_unfinished
 
 
@@ -19,7 +17,9 @@ from .cli import emit, err, json_opt, notice_unfinished
 @json_opt
 def backup(job_file: str, as_json: bool) -> None:
     """One backup run of a job: checkpoint (leave running), then prune by its policy."""
-    pipeline.require_root()
+    from . import backup as backup_mod
+    from .pipeline import require_root
+    require_root()
     job = backup_mod.load(job_file)
     notice_unfinished(job.store)
     r = backup_mod.run(job)
@@ -39,7 +39,9 @@ def backup(job_file: str, as_json: bool) -> None:
 @json_opt
 def prune(job_file: str, dry_run: bool, as_json: bool) -> None:
     """Remove the job's checkpoints that its retention policy no longer keeps."""
-    pipeline.require_root()
+    from . import backup as backup_mod
+    from .pipeline import require_root
+    require_root()
     job = backup_mod.load(job_file)
     d = backup_mod.prune(job, dry_run=dry_run)
 
@@ -66,7 +68,9 @@ def schedule() -> None:
 @click.option("--dest", default=None, help="Write the files here instead of /etc/...")
 def schedule_install(job_file: str, every: str, systemd: bool | None, dest: str | None) -> None:
     """Write the timer and service (or cron entry) for a job; print what was written."""
-    pipeline.require_root()
+    from . import backup as backup_mod
+    from .pipeline import require_root
+    require_root()
     job = backup_mod.load(job_file)
     systemd = backup_mod.default_systemd() if systemd is None else systemd
     where = Path(dest) if dest else backup_mod.default_dest(systemd)
@@ -84,7 +88,9 @@ def schedule_install(job_file: str, every: str, systemd: bool | None, dest: str 
 @click.option("--dest", default=None, help="Where install wrote the files.")
 def schedule_remove(job_file: str, dest: str | None) -> None:
     """Remove what install wrote for a job; print what was removed."""
-    pipeline.require_root()
+    from . import backup as backup_mod
+    from .pipeline import require_root
+    require_root()
     job = backup_mod.load(job_file)
     for systemd in (True, False):
         where = Path(dest) if dest else backup_mod.default_dest(systemd)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
-from .fsutil import sha256_file, write_atomic
+from .fsutil import sha256_files, write_atomic
 from .manifest import ImageFile, Manifest, digest
 from .names import check_id, is_rescue
 
@@ -81,8 +81,9 @@ class Store:
 
     def image_records(self, ckpt_id: str) -> list[ImageFile]:
         """Name, size and sha256 of every image file, for the manifest."""
-        return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha256_file(p))
-                for p in sorted(self.images(ckpt_id).iterdir())]
+        paths = sorted(self.images(ckpt_id).iterdir())
+        return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha)
+                for p, sha in zip(paths, sha256_files(paths), strict=True)]
 
     def committed(self, ckpt_id: str) -> bool:
         return (self.dir(ckpt_id) / "manifest.json.sha256").exists()
@@ -119,7 +120,11 @@ class Store:
             p = images / img.name
             if not p.is_file() or p.is_symlink():
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is missing")
-            if p.stat().st_size != img.size or sha256_file(p) != img.sha256:
+            if p.stat().st_size != img.size:
+                raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (size)")
+        digests = sha256_files([images / img.name for img in m.images])
+        for img, got in zip(m.images, digests, strict=True):
+            if got != img.sha256:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")
 
     def list(self) -> list[Manifest]:

@@ -1,11 +1,12 @@
 """The freeze watchdog: a small process, in a session of its own, that thaws the frozen cgroup
 if fscr dies (even by SIGKILL or the OOM killer) or the window outlasts --max-freeze.
 
-fscr starts it before freezing and holds the write end of its stdin. Closing that pipe after
-writing "done" ends it quietly; end-of-file without "done" means fscr is gone. Whenever it
-acts, it first lets a running CRIU finish (CRIU's parasite is inside the tasks: killing CRIU
-mid-dump is the last resort, at the deadline), then thaws, then prints "fired: <why>" on its
-stdout, which fscr reads to abort a run whose window was cut short.
+fscr starts it, waits for its "ready" line before freezing, and holds the write end of its
+stdin. Closing that pipe after writing "done" ends it quietly; end-of-file without "done"
+means fscr is gone. Whenever it acts, it first lets a running CRIU finish (CRIU's parasite is
+inside the tasks: killing CRIU mid-dump is the last resort, at the deadline), then thaws,
+then prints "fired: <why>" on its stdout, which fscr reads to abort a run whose window was
+cut short.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FscrError
 from .journal import Run, read
 from .process.freezer import Cgroup
 from .process.tree import Task, settle
 
 GRACE = 10.0  # seconds a dying fscr's CRIU may take to finish before it is killed
+STARTUP = 30.0  # seconds the watchdog may take to start (a Python start-up: ~0.1 s)
 
 
 @dataclass
@@ -34,11 +37,25 @@ class Watchdog:
 
     @classmethod
     def start(cls, cg: Cgroup, journal: Path, max_freeze: float) -> Watchdog:
+        """Start the watchdog and return once it runs. The wait keeps its start-up (a Python
+        interpreter and its imports, ~0.1 s of CPU) out of the frozen window, where on a
+        small machine it took a core from CRIU; and a watchdog that cannot start refuses
+        the freeze instead of leaving it unguarded."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "fscr.watchdog", cg.kind, str(cg.path), str(journal),
              str(max_freeze)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True)
+        fd, got = proc.stdout.fileno(), b""  # type: ignore[union-attr]
+        deadline = time.monotonic() + STARTUP
+        while not got.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            chunk = os.read(fd, 1) if left > 0 and select.select([fd], [], [], left)[0] else b""
+            if not chunk:
+                proc.kill()
+                proc.wait()
+                raise FscrError("the freeze watchdog did not start: nothing was frozen")
+            got += chunk
         return cls(proc)
 
     def fired(self) -> str | None:
@@ -74,6 +91,7 @@ def main(kind: str, path: str, journal: str, max_freeze: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to fscr's group is not for us
     deadline = time.monotonic() + float(max_freeze)
     cg, jpath = Cgroup(kind, Path(path)), Path(journal)
+    os.write(1, b"ready\n")  # fscr freezes only now
     got = b""
     while True:
         left = deadline - time.monotonic()

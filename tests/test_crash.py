@@ -278,6 +278,15 @@ def test_watchdog_thaws_and_aborts_when_the_freeze_outlasts_max_freeze(btrfs_vol
     assert residue(vol, store, "slow") == CLEAN
 
 
+def test_a_watchdog_that_cannot_start_fails_before_the_freeze(monkeypatch, tmp_path):
+    from fscr.errors import FscrError
+    from fscr.watchdog import Watchdog
+
+    monkeypatch.setattr(sys, "executable", "/bin/true")  # exits at once, never says "ready"
+    with pytest.raises(FscrError, match="watchdog did not start"):
+        Watchdog.start(freezer.Cgroup("v2", tmp_path), tmp_path / "journal", 30.0)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
 

@@ -236,6 +236,26 @@ def test_restore_refuses_a_corrupt_manifest(btrfs_volume, workloads, store):
     time.sleep(0.1)
 
 
+def test_restore_refuses_a_corrupt_image_before_touching_anything(btrfs_volume, workloads,
+                                                                   store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    images = store / "checkpoints" / m["id"] / "images"
+    biggest = max(images.iterdir(), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:  # one bit flipped: same size, another sha256
+        f.seek(biggest.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    before = sorted(os.listdir(vol))
+    out = fscr("restore", m["id"], store=store, check=False)
+    assert out.returncode == 9 and f"image {biggest.name} is corrupt (sha256)" in out.stderr
+    assert sorted(os.listdir(vol)) == before and not alive(pid)
+    assert not list((vol.parent / ".fscr-snapshots").glob("rescue_*"))  # nothing swapped
+
+
 def test_tree_sharing_its_cgroup_is_frozen_alone_and_put_back(btrfs_volume, workloads, store):
     from fscr.process import freezer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,3 +63,24 @@ def noting_pid(journal: Journal) -> Callable[[int], None]:
         st = read_stat(pid)
         journal.note("criu", pid=pid, starttime=st.starttime if st else 0)
     return started
+
+
+def in_background(fn: Callable[..., None], *args: object) -> Callable[[], None]:
+    """Start fn(*args) in a thread; the returned function waits for it and raises what it
+    raised. (hashlib and file reads release the GIL.)"""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the caller by wait()
+            raised.append(e)
+
+    thread = threading.Thread(target=run, name="fscr-verify", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if raised:
+            raise raised[0]
+    return wait

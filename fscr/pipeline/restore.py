@@ -30,7 +30,7 @@ from ..process.files import holders
 from ..process.target import put_back
 from ..process.tree import Task, descendants, read_stat
 from ..store import Store
-from .common import Progress, Timings, noting_pid, quiet, require_root, volume_lock
+from .common import Progress, Timings, in_background, noting_pid, quiet, require_root, volume_lock
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,19 @@ class _Restore:
         return RestoreResult(self.m.id, pid, kept, self.t.seconds)
 
     def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
-        """Every check, before anything is killed or swapped. Returns the live tree."""
+        """Every check, before anything is killed or swapped. Returns the live tree.
+
+        The images' checksums (~0.85 ms per MB here, SHA-256 itself) are computed on another
+        core while the other checks read /proc and the volumes; a corrupt image is reported
+        first, as if it had been checked first."""
+        verified = in_background(self.store.verify_images, self.m)
+        try:
+            return self.validate_tree(processes, replace, force)
+        finally:
+            verified()
+
+    def validate_tree(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         m = self.m
-        self.store.verify_images(m)
         if processes:
             self.backend.check()
         for v in m.volumes:
