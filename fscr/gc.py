@@ -159,8 +159,10 @@ def plan_restore(store: Store, run: Run) -> Plan:
         # down, so gc finishes what the user asked for, from a clean state.
         plan.then.append((f"restore checkpoint {run.id} again (its old tree was killed by "
                           "--replace before fscr died)",
-                          lambda: pipeline.restore(run.id, str(store.root), replace=True,
-                                                   force=True)))
+                          lambda: pipeline.restore(
+                              run.id, str(store.root), replace=True, force=True,
+                              volumes_only=run.begin.get("volumes_only", False),
+                              rollback=run.begin.get("rollback", False))))
     copies = {e["volume"]: e["copy"] for e in run.events("copy")}
     for e in reversed(swaps):
         vol, rescue, copy = Path(e["volume"]), e["rescue"], copies.get(e["volume"])
@@ -212,7 +214,11 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
         forget = f"remove journal {run.path.name}"
         if dry_run:
-            p = plan(store, run)
+            try:
+                p = plan(store, run)
+            except FscrError as e:  # one run's trouble does not stop gc for the others
+                entry["errors"].append(f"cannot plan: {e}")
+                continue
             entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
                                 for c in _criu(run)] + [w for w, _ in p.steps] + [forget]
             entry["actions"] += [w for w, _ in p.then]
@@ -223,7 +229,11 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
                 for c in _criu(run):
                     entry["actions"].append(f"waited for CRIU (PID {c.pid})")
                     settle(c, grace)
-                p = plan(store, run)
+                try:
+                    p = plan(store, run)
+                except FscrError as e:  # the journal stays for the next gc
+                    entry["errors"].append(f"cannot plan: {e}")
+                    continue
                 for what, do in p.steps:
                     try:
                         do()

@@ -200,7 +200,7 @@ def test_mount_and_merge_commands():
         "mount", "-t", "ext4", "/dev/dm-4", "/srv/app"]
     assert merge_commands(CLASSIC, "fscr_c1_0", MOUNT) == [
         ["umount", "/srv/app"],
-        ["lvconvert", "--merge", "data/fscr_c1_0"],
+        ["lvconvert", "--merge", "--interval", "1", "data/fscr_c1_0"],
         ["mount", "-t", "ext4", "-o", "noatime", "/dev/data/srv", "/srv/app"],
     ]
 
@@ -209,7 +209,9 @@ def test_classic_snapshot_states_are_read_from_lv_attr():
     snap = lv_row("fscr_c1_0", "swi-a-s---", origin="srv")
     assert snap.classic_snapshot and not snap.invalid and not snap.merging
     assert lv_row("fscr_c1_0", "swi-I-s---", origin="srv").invalid  # filled up: dropped
-    assert lv_row("fscr_c1_0", "Swi-a-s---", origin="srv").merging
+    merging = lv_row("[fscr_c1_0]", "Swi-a-s---", origin="srv")  # lvs -a: hidden while merging
+    assert merging.merging and merging.lv_name == "fscr_c1_0"
+    assert lv_row("srv", "Owi-ao----").open and not CLASSIC.merging
     assert not THIN.classic_snapshot and THIN.thin
 
 

@@ -60,7 +60,8 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
             raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
                           "run `fscr gc` first")
         run = _Restore(store, m, Timings(progress=progress),
-                       snapshot.get(m.snapshot, rollback=rollback), backends.get(m.backend))
+                       snapshot.get(m.snapshot, rollback=rollback), backends.get(m.backend),
+                       rollback)
         return run.execute(replace, force, volumes_only)
 
 
@@ -71,6 +72,7 @@ class _Restore:
     t: Timings
     provider: snapshot.Provider
     backend: backends.Backend
+    rollback: bool = False  # journaled, so gc can restore again the way the user asked
 
     def execute(self, replace: bool, force: bool, volumes_only: bool) -> RestoreResult:
         processes = self.backend.writes_image and not volumes_only
@@ -79,7 +81,8 @@ class _Restore:
             rescue = f"rescue_{self.m.id}_{datetime.now(UTC):%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}"
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
                                      volumes=[v.path for v in self.m.volumes],
-                                     snapshot=self.m.snapshot)
+                                     snapshot=self.m.snapshot, volumes_only=volumes_only,
+                                     rollback=self.rollback)
         swapped: list[Swap] = []
         pid = None
         try:

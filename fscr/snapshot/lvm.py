@@ -32,12 +32,13 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import sh
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from ..errors import (
     BadInput,
@@ -105,6 +106,12 @@ class LogicalVolume(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     lv_name: str = Field(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+
+    @field_validator("lv_name", mode="before")
+    @classmethod
+    def _shown(cls, v: object) -> object:
+        return v[1:-1] if isinstance(v, str) and v[:1] == "[" and v[-1:] == "]" else v  # hidden
+
     vg_name: str = Field(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
     lv_uuid: str
     lv_attr: str = Field(min_length=10)
@@ -155,8 +162,9 @@ class VolumeGroup(BaseModel):
 
 
 def lvs_command(vg: str | None = None) -> list[str]:
-    return ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LVS_FIELDS,
-            *([vg] if vg else [])]
+    # -a: lvm2 hides a classic snapshot while it merges ([name]); fscr must still see it.
+    return ["lvs", "-a", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+            LVS_FIELDS, *([vg] if vg else [])]
 
 
 def vgs_command(vg: str | None = None) -> list[str]:
@@ -245,7 +253,7 @@ def merge_commands(origin: LogicalVolume, merged: str, mount: Remount) -> list[l
     the merge into the closed origin is done, and removes the snapshot), mount again."""
     return [
         ["umount", mount.point],
-        ["lvconvert", "--merge", f"{origin.vg_name}/{merged}"],
+        ["lvconvert", "--merge", "--interval", "1", f"{origin.vg_name}/{merged}"],
         mount_command(origin.path, Path(mount.point), mount.fstype, mount.options),
     ]
 
@@ -259,6 +267,7 @@ class Swap(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     how: Literal["mount", "merge"]
     lv: str  # vg/name: the LV mounted over the volume, or the snapshot merged into it
+    origin: str  # vg/name: the volume's own LV
     mount: Remount  # the volume's mount before the restore
 
 
@@ -305,6 +314,7 @@ class Lvm:
 
     def _need_room(self, lv: LogicalVolume, need: int, what: str) -> None:
         vg = self.vgs(lv.vg_name)[0]
+        need = -(-need // vg.vg_extent_size) * vg.vg_extent_size  # lvm2 takes whole extents
         if vg.vg_free < need:
             raise NoSpace(f"volume group {vg.vg_name} has {vg.vg_free >> 20} MiB free; {what} "
                           f"needs {need >> 20} MiB")
@@ -393,6 +403,9 @@ class Lvm:
             if snap.origin != lv.lv_name or snap.vg_name != lv.vg_name:
                 raise Refused(f"--rollback: {volume} is mounted from {lv.full}, not from "
                               f"{snap.vg_name}/{snap.origin}, the snapshot's origin")
+            if snap.open:  # lvm2 would put the merge off until the snapshot is closed
+                raise Refused(f"--rollback: snapshot {snap.full} is open (mounted by a "
+                              "--volumes-only restore?): unmount it first")
             self._need_room(lv, self._rescue_bytes(snap, lv),
                             f"the rescue snapshot of {lv.full} (what --rollback replaces)")
         elif not snap.thin and processes:
@@ -418,7 +431,7 @@ class Lvm:
         if self.rollback:
             self.run(snapshot_command(origin, split(rescue)[1],
                                       f"{self._rescue_bytes(snap, origin)}b", writable=True))
-            swap = Swap(how="merge", lv=snap.full, mount=Remount.of(mount))
+            swap = Swap(how="merge", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
             made(swap.model_dump_json())
             self._merge(origin, snap.lv_name, swap.mount)
             return
@@ -426,11 +439,13 @@ class Lvm:
             copy = restored_name(rescue)
             device = self._made(snapshot_command(snap, copy, None, writable=True, active=True),
                                 snap.vg_name, copy)
-            swap = Swap(how="mount", lv=f"{snap.vg_name}/{copy}", mount=Remount.of(mount))
-            options: list[str] = []
+            swap = Swap(how="mount", lv=f"{snap.vg_name}/{copy}", origin=origin.full,
+                        mount=Remount.of(mount))
+            options = swap.mount.options  # the volume's own flags: nosuid, noexec, ro...
         else:
-            device, options = snap.path, ["ro"]
-            swap = Swap(how="mount", lv=snap.full, mount=Remount.of(mount))
+            device = snap.path
+            swap = Swap(how="mount", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
+            options = [*dict.fromkeys([*swap.mount.options, "ro"])]
         made(swap.model_dump_json())
         self.run(mount_command(device, volume, mount.fstype, options))
 
@@ -439,17 +454,32 @@ class Lvm:
         if mount_at(Path(mount.point)) is not None:
             self.run(umount)  # busy: nothing has changed
         try:
-            now = self._find(origin.vg_name, origin.lv_name)
-            if now is not None and now.open:
-                raise SnapshotFailed(
-                    f"{origin.full} is still open after unmounting {mount.point} (mounted in "
-                    "another mount namespace, or held by a process): lvm2 would merge at its "
-                    "next activation, unseen; refusing")
+            self._closed(origin)
             self.run(convert)
         except SnapshotFailed:
             self.run(remount)  # the origin is as it was: mounted again, the error stands
             raise
+        # For a closed origin lvconvert returns once the merge is done and the snapshot gone;
+        # a snapshot still there means lvm2 put the merge off (something opened one of them).
+        left = self._find(origin.vg_name, merged)
+        if left is not None:
+            raise SnapshotFailed(
+                f"lvm2 put off the merge of {left.full} into {origin.full} (one of them was "
+                f"opened meanwhile); {mount.point} stays unmounted: `lvchange --refresh "
+                f"{origin.full}` starts it, then mount it and run `fscr gc`")
         self.run(remount)
+
+    def _closed(self, origin: LogicalVolume) -> None:
+        """Wait a little for the origin to be closed after its umount (udev's blkid may look
+        at it for a moment, as lvm2's own in-use check allows for); refuse if it stays open:
+        lvm2 would put the merge off until its next activation, unseen."""
+        for _ in range(25):
+            now = self._find(origin.vg_name, origin.lv_name)
+            if now is None or not now.open:
+                return
+            time.sleep(0.2)
+        raise SnapshotFailed(f"{origin.full} is still open after its umount (mounted in another "
+                             "mount namespace, or held by a process); refusing to merge")
 
     def swapped(self, volume: Path, copy: str) -> bool:
         swap = _swap(copy)
@@ -471,14 +501,18 @@ class Lvm:
             vg, name = split(rescue)
             if done:  # the origin holds the checkpoint's contents: merge the rescue back
                 saved = self._find(vg, name)
-                base = saved and self._find(vg, saved.origin)
-                if saved is None or base is None:
-                    raise SnapshotFailed(f"cannot put {volume} back: its rescue {vg}/{name} "
-                                         "is gone")
-                self._merge(base, name, swap.mount)
+                base = self._find(*swap.origin.split("/"))
+                if base is None:
+                    raise SnapshotFailed(f"cannot put {volume} back: {swap.origin} is gone")
+                if saved is not None and not saved.merging:
+                    self._merge(base, name, swap.mount)
+                elif mount_at(Path(swap.mount.point)) is None:
+                    # The rescue's merge ran (or runs: the origin shows its result already)
+                    # before fscr died: only the mount is left to do.
+                    m = swap.mount
+                    self.run(mount_command(base.path, Path(m.point), m.fstype, m.options))
                 return
-            snap = self._find(*swap.lv.split("/"))  # not merged: still there
-            base = snap and self._find(vg, snap.origin)
+            base = self._find(*swap.origin.split("/"))  # not merged: the origin as it was
             if mount_at(Path(swap.mount.point)) is None and base is not None:
                 m = swap.mount  # fscr stopped after the umount: mount it again
                 self.run(mount_command(base.path, Path(m.point), m.fstype, m.options))
