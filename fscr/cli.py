@@ -264,6 +264,15 @@ def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollba
     emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))
 
 
+def snapshot_state(kind: str, name: str) -> str:
+    """present, missing, or how full (a classic LVM snapshot), for list and show."""
+    from . import snapshot
+    try:
+        return snapshot.get(kind).state(name)
+    except FscrError as e:
+        return f"unknown ({e})"
+
+
 @cli.command("list")
 @store_opt
 @json_opt
@@ -274,6 +283,8 @@ def list_(store: str | None, as_json: bool) -> None:
     st = Store.open(store)
     rows = [summary(m) for m in st.list()]
     rescues = st.rescues()
+    for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
+        r["states"] = [snapshot_state(r.get("kind", "btrfs"), p) for p in r["paths"]]
 
     def text() -> None:
         for r in rows:
@@ -281,7 +292,9 @@ def list_(store: str | None, as_json: bool) -> None:
             click.echo(f"{r['id']}  {r['created']}  {r['backend']:<11} "
                        f"pid {r['root_pid']:<7} {vols}")
         for r in rescues:
-            click.echo(f"{r['name']}  rescue snapshot  {', '.join(r['paths'])}")
+            shown = ", ".join(f"{p} ({state})" for p, state in zip(r["paths"], r["states"],
+                                                                   strict=True))
+            click.echo(f"{r['name']}  rescue snapshot  {shown}")
 
     emit({"checkpoints": rows, "rescues": rescues}, as_json, text)
 
@@ -299,13 +312,8 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],
                                   "cgroup": m.cgroup.model_dump()}
-    from . import snapshot as snapshot_kinds
-    provider = snapshot_kinds.get(m.snapshot)
     for v in data["volumes"]:
-        try:
-            v["state"] = provider.state(v["snapshot"]) if v["snapshot"] else None
-        except FscrError as e:
-            v["state"] = f"unknown ({e})"
+        v["state"] = snapshot_state(m.snapshot, v["snapshot"]) if v["snapshot"] else None
 
     def text() -> None:
         for key in ("id", "created", "hostname", "backend", "snapshot", "mode", "root_pid",

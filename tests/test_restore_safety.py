@@ -76,6 +76,7 @@ def test_restoring_twice_in_one_second_keeps_two_rescues(btrfs_volume, workloads
     restore(store, m["id"], "--replace")
     rescues = json.loads(fscr("list", "--json", store=store).stdout)["rescues"]
     assert len(rescues) == 2
+    assert [r["states"] for r in rescues] == [["present"], ["present"]]
     for r in rescues:
         fscr("delete", r["name"], store=store)
     assert json.loads(fscr("list", "--json", store=store).stdout)["rescues"] == []
