@@ -264,15 +264,6 @@ def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollba
     emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))
 
 
-def snapshot_state(kind: str, name: str) -> str:
-    """present, missing, or how full (a classic LVM snapshot), for list and show."""
-    from . import snapshot
-    try:
-        return snapshot.get(kind).state(name)
-    except FscrError as e:
-        return f"unknown ({e})"
-
-
 @cli.command("list")
 @store_opt
 @json_opt
@@ -283,8 +274,9 @@ def list_(store: str | None, as_json: bool) -> None:
     st = Store.open(store)
     rows = [summary(m) for m in st.list()]
     rescues = st.rescues()
+    from .snapshot import state_of
     for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
-        r["states"] = [snapshot_state(r.get("kind", "btrfs"), p) for p in r["paths"]]
+        r["states"] = [state_of(r.get("kind", "btrfs"), p) for p in r["paths"]]
 
     def text() -> None:
         for r in rows:
@@ -312,8 +304,9 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],
                                   "cgroup": m.cgroup.model_dump()}
+    from .snapshot import state_of
     for v in data["volumes"]:
-        v["state"] = snapshot_state(m.snapshot, v["snapshot"]) if v["snapshot"] else None
+        v["state"] = state_of(m.snapshot, v["snapshot"]) if v["snapshot"] else None
 
     def text() -> None:
         for key in ("id", "created", "hostname", "backend", "snapshot", "mode", "root_pid",

@@ -150,14 +150,10 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
             ok = path is not None and os.path.exists(path)
             rows.append(Row("network namespace", ok, True, f"{path} present" if ok else
                             f"{path or 'its namespace'} missing: recreate it first"))
-    provider = snapshot.get(m.snapshot)
     for v in m.volumes:
         if v.snapshot is None:
             continue
-        try:
-            state = provider.state(v.snapshot)
-        except FscrError as e:
-            state = f"unknown ({e})"
+        state = snapshot.state_of(m.snapshot, v.snapshot)
         rows.append(Row(f"volume {v.path}", state.startswith("present"), True,
                         f"snapshot {v.snapshot}: {state}"))
     return rows

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import BadInput
+from ..errors import BadInput, FscrError
 
 
 class Provider(Protocol):
@@ -89,3 +89,12 @@ def get(name: str, size: str | None = None, rollback: bool = False) -> Provider:
 
         return NoSnapshot()
     raise BadInput(f"unknown snapshot kind {name!r} (known: {', '.join(KINDS)})")
+
+
+def state_of(kind: str, snapshot: str) -> str:
+    """A snapshot's state for show, list and doctor: present, missing, how full (a classic
+    LVM snapshot), or why it cannot be told."""
+    try:
+        return get(kind).state(snapshot)
+    except FscrError as e:
+        return f"unknown ({e})"
