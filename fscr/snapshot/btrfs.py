@@ -13,7 +13,7 @@ from pathlib import Path
 import btrfsutil
 
 from ..errors import BadManifest, BadVolume, NoSpace, SnapshotFailed
-from ..fsutil import mounts
+from ..fsutil import mount_at
 from ..names import rescue_path, snapshot_path
 
 RENAME_EXCHANGE = 2
@@ -52,7 +52,8 @@ class Btrfs:
             raise BadVolume(f"volume {volume} does not exist") from None
         if not is_sub:
             raise BadVolume(f"volume {volume} is not a btrfs subvolume")
-        if is_mount_point(volume):
+        # From the mount table: os.path.ismount says yes for every subvolume (st_dev differs).
+        if mount_at(volume) is not None:
             raise BadVolume(
                 f"volume {volume} is a mount point: restore swaps it by rename, so mount its "
                 "parent and use a subvolume below it"
@@ -158,11 +159,6 @@ def identity(volume: Path) -> str | None:
         return btrfsutil.subvolume_info(str(volume)).uuid.hex()
     except (btrfsutil.BtrfsUtilError, FileNotFoundError):
         return None
-
-
-def is_mount_point(path: Path) -> bool:
-    """From the mount table: os.path.ismount says yes for every subvolume (st_dev differs)."""
-    return os.path.realpath(path) in {point for _, point, _ in mounts()}
 
 
 def btrfsutil_exists(path: Path) -> bool:

@@ -254,8 +254,12 @@ def merge_commands(origin: LogicalVolume, merged: str, mount: Remount) -> list[l
     return [
         ["umount", mount.point],
         ["lvconvert", "--merge", "--interval", "1", f"{origin.vg_name}/{merged}"],
-        mount_command(origin.path, Path(mount.point), mount.fstype, mount.options),
+        remount_command(origin, mount),
     ]
+
+
+def remount_command(origin: LogicalVolume, mount: Remount) -> list[str]:
+    return mount_command(origin.path, Path(mount.point), mount.fstype, mount.options)
 
 
 # ------------------------------------------------------------------------------ the provider
@@ -509,13 +513,11 @@ class Lvm:
                 elif mount_at(Path(swap.mount.point)) is None:
                     # The rescue's merge ran (or runs: the origin shows its result already)
                     # before fscr died: only the mount is left to do.
-                    m = swap.mount
-                    self.run(mount_command(base.path, Path(m.point), m.fstype, m.options))
+                    self.run(remount_command(base, swap.mount))
                 return
             base = self._find(*swap.origin.split("/"))  # not merged: the origin as it was
             if mount_at(Path(swap.mount.point)) is None and base is not None:
-                m = swap.mount  # fscr stopped after the umount: mount it again
-                self.run(mount_command(base.path, Path(m.point), m.fstype, m.options))
+                self.run(remount_command(base, swap.mount))  # fscr died after the umount
             self.delete(rescue)
             return
         if done and swap is not None:  # fscr's LV is mounted over the volume's own
