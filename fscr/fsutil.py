@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,32 +83,12 @@ def sha256_file(path: Path) -> str:
 def sha256_files(paths: list[Path]) -> list[str]:
     """sha256_file of each path, in order, computed on every core (hashlib and reads release
     the GIL; a tree of N processes has N page images). Raises what a read raised."""
-    todo = iter(sorted(range(len(paths)), key=lambda i: -os.stat(paths[i]).st_size))
-    out = [""] * len(paths)
-    raised: list[BaseException] = []
-    lock = threading.Lock()
-
-    def work() -> None:
-        while not raised:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            try:
-                out[i] = sha256_file(paths[i])
-            except BaseException as e:  # re-raised by the caller's thread
-                raised.append(e)
-
-    threads = [threading.Thread(target=work, name="fscr-sha256")
-               for _ in range(min(os.cpu_count() or 1, len(paths)) - 1)]
-    for t in threads:
-        t.start()
-    work()
-    for t in threads:
-        t.join()
-    if raised:
-        raise raised[0]
-    return out
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    biggest_first = sorted(paths, key=lambda p: -os.stat(p).st_size)
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="fscr-sha256") as pool:
+        digests = dict(zip(biggest_first, pool.map(sha256_file, biggest_first), strict=True))
+    return [digests[p] for p in paths]
 
 
 def syncfs(path: Path) -> None:

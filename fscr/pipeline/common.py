@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,19 +68,7 @@ def noting_pid(journal: Journal) -> Callable[[int], None]:
 def in_background(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     """Start fn(*args) in a thread; the returned function waits for it and raises what it
     raised. (hashlib and file reads release the GIL.)"""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # handed to the caller by wait()
-            raised.append(e)
-
-    thread = threading.Thread(target=run, name="fscr-verify", daemon=True)
-    thread.start()
-
-    def wait() -> None:
-        thread.join()
-        if raised:
-            raise raised[0]
-    return wait
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fscr-verify")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the thread ends with fn; future.result() waits for it
+    return future.result
