@@ -85,7 +85,8 @@ def summary(m: Manifest) -> dict[str, Any]:
         "snapshot": m.snapshot, "mode": m.mode, "root_pid": m.root.pid,
         "volumes": [v.model_dump() for v in m.volumes],
         "relinks": [r.model_dump() for r in m.relinks],
-        "tcp": m.tcp, "netns": m.netns.model_dump(), "network_lock": m.netlock,
+        "tcp": m.tcp, "netns": m.netns.model_dump(), "pidns": m.pidns,
+        "network_lock": m.netlock,
         "sockets": [s.model_dump() for s in m.sockets],
         "allowed": m.allowed, "leaks": [x.model_dump() for x in m.leaks],
         "image_bytes": m.image_bytes, "durations": m.durations,
@@ -137,7 +138,8 @@ def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
 
     def text() -> None:
         for r in rows:
-            mark = "ok" if r.ok else ("MISSING" if r.essential else "unavailable")
+            mark = "ok" if r.ok else ("MISSING" if r.essential else
+                                      "warning" if r.warning else "unavailable")
             click.echo(f"{r.name:<26} {mark:<12} {r.detail}")
         if missing:
             click.echo(f"essential items missing: {', '.join(missing)}")
@@ -153,15 +155,18 @@ def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
 @click.option("--log", default=None, help="Append stdout/stderr to this file.")
 @click.option("--netns", default=None,
               help="Start it in this network namespace (e.g. /run/netns/NAME), by setns.")
+@click.option("--pidns", is_flag=True,
+              help="Start it as init (PID 1) of a new PID namespace: its restores keep their "
+                   "PIDs whatever is taken on the machine.")
 @json_opt
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(name: str | None, log: str | None, netns: str | None, as_json: bool,
+def run(name: str | None, log: str | None, netns: str | None, pidns: bool, as_json: bool,
         argv: tuple[str, ...]) -> None:
     """Start CMD detached in a cgroup of its own; print its PID."""
     from . import pipeline
     from .process import launch
     pipeline.require_root()
-    s = launch.run(list(argv), name=name, log=log, netns=netns)
+    s = launch.run(list(argv), name=name, log=log, netns=netns, pidns=pidns)
     emit({"pid": s.pid, "cgroup": s.cgroup}, as_json, lambda: click.echo(s.pid))
 
 
@@ -265,13 +270,19 @@ def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollba
 
 
 @cli.command("list")
+@click.option("--failed", is_flag=True,
+              help="List failed attempts instead: CRIU's log and fscr's record of each, kept "
+                   "under <store>/failed for 7 days.")
 @store_opt
 @json_opt
-def list_(store: str | None, as_json: bool) -> None:
-    """List checkpoints and rescue snapshots."""
+def list_(failed: bool, store: str | None, as_json: bool) -> None:
+    """List checkpoints and rescue snapshots (or, with --failed, failed attempts)."""
     from .store import Store
     notice_unfinished(store)
     st = Store.open(store)
+    if failed:
+        list_failed(st.root, as_json)
+        return
     rows = [summary(m) for m in st.list()]
     rescues = st.rescues()
     from .snapshot import state_of
@@ -289,6 +300,27 @@ def list_(store: str | None, as_json: bool) -> None:
             click.echo(f"{r['name']}  rescue snapshot  {shown}")
 
     emit({"checkpoints": rows, "rescues": rescues}, as_json, text)
+
+
+def list_failed(store_root: Any, as_json: bool) -> None:
+    from . import failures
+    rows = failures.listed(store_root)
+
+    def text() -> None:
+        if not rows:
+            click.echo("no failed attempt kept")
+        for f in rows:
+            r = f["record"]
+            if r is None:
+                click.echo(f"{f['name']}  (unreadable record)  {f['path']}")
+                continue
+            click.echo(f"{f['name']}  {r['when']}  {r['op']} of {r['id']}: {r['cause']}")
+            if r["hint"]:
+                click.echo(f"    hint: {r['hint']}")
+            for log in f["logs"]:
+                click.echo(f"    log: {f['path']}/{log}")
+
+    emit({"failed": rows}, as_json, text)
 
 
 @cli.command()
@@ -361,11 +393,15 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
     from . import pipeline
     from .store import Store
     pipeline.require_root()
-    report = gc_mod.collect(Store.open(store), dry_run=dry_run)
+    st = Store.open(store)
+    report = gc_mod.collect(st, dry_run=dry_run)
+    expired = gc_mod.expire_failures(st, dry_run=dry_run)
 
     def text() -> None:
-        if not report:
-            click.echo("nothing to do: no unfinished run")
+        if not report and not expired:
+            click.echo("nothing to do: no unfinished run, no expired failed attempt")
+        for what in expired:
+            click.echo(f"{'would ' if dry_run else ''}{what}")
         for r in report:
             click.echo(f"{r['op']} {r['id']} (fscr PID {r['pid']} is gone):")
             for a in r["actions"]:
@@ -373,7 +409,7 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
             for e in r["errors"]:
                 click.echo(f"  FAILED: {e}")
 
-    emit({"dry_run": dry_run, "runs": report}, as_json, text)
+    emit({"dry_run": dry_run, "runs": report, "failed_removed": expired}, as_json, text)
     if any(r["errors"] for r in report):
         sys.exit(FscrError.exit_code)
 

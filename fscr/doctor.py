@@ -11,6 +11,7 @@ from pathlib import Path
 from . import preflight, snapshot
 from .backends import criu
 from .errors import FscrError
+from .fsutil import mount_of
 from .names import FSCR_GROUP
 from .process import freezer
 from .process.tree import read_stat
@@ -23,6 +24,7 @@ class Row:
     ok: bool
     essential: bool
     detail: str
+    warning: bool = False  # not ok: fscr works, but some workloads or timings suffer
 
 
 def _root() -> Row:
@@ -111,9 +113,34 @@ def _loop() -> Row:
     return Row("loop devices", ok, False, "/dev/loop-control" if ok else "no /dev/loop-control")
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def _cap_sys_resource() -> Row:
+    caps = next((ln.split()[1] for ln in Path("/proc/self/status").read_text().splitlines()
+                 if ln.startswith("CapEff:")), "0")
+    ok = bool(int(caps, 16) >> CAP_SYS_RESOURCE & 1)
+    return Row("CAP_SYS_RESOURCE", ok, False, "present: CRIU can dump tasks of any user" if ok
+               else f"missing (CapEff {caps}): CRIU reads each task's resource limits with "
+               "prlimit, so it cannot dump tasks of other users (a server whose workers drop "
+               "to www-data, a database that refuses root); tasks of root are unaffected",
+               warning=not ok)
+
+
+def _run_tmpfs() -> Row:
+    m = mount_of(Path("/run"))
+    fstype = m.fstype if m else "unknown"
+    ok = fstype == "tmpfs"
+    return Row("/run on tmpfs", ok, False, "CRIU caches its kernel probe in /run/criu.kdat"
+               if ok else f"/run is on {fstype}, not tmpfs: CRIU will not cache its kernel "
+               "feature probe there, and every dump and restore repeats it (~25 ms on a "
+               "2-core machine)", warning=not ok)
+
+
 def run_checks() -> list[Row]:
     v2, v1 = _cgroup_v2(), _cgroup_v1()
-    return [_root(), _kernel(), _criu(), _freezer_any(v2, v1), v2, v1, _btrfs(), _lvm(), _loop()]
+    return [_root(), _kernel(), _criu(), _freezer_any(v2, v1), v2, v1, _btrfs(), _lvm(), _loop(),
+            _cap_sys_resource(), _run_tmpfs()]
 
 
 def as_dicts(rows: list[Row]) -> list[dict]:
@@ -137,9 +164,11 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
                 [found.path, "check", "--feature", feat], capture_output=True).returncode == 0
             rows.append(Row(f"kernel feature {feat}", ok, True,
                             "supported" if ok else "not supported by this kernel or CRIU"))
-        busy = [t.pid for t in m.tasks if (st := read_stat(t.pid)) and st.state not in "ZX"
-                and st.starttime != t.starttime]
-        rows.append(Row("free PIDs", not busy, True, "every PID of the image is free" if not busy
+        busy = [] if m.pidns else [t.pid for t in m.tasks if (st := read_stat(t.pid))
+                                   and st.state not in "ZX" and st.starttime != t.starttime]
+        rows.append(Row("free PIDs", not busy, True,
+                        "a PID namespace of its own: its PIDs are free anywhere" if m.pidns
+                        else "every PID of the image is free" if not busy
                         else f"PIDs {busy} are used by other processes"))
         changed = preflight.changed(m.unchanged)
         rows.append(Row("unchanged files", not changed, True,

@@ -6,6 +6,8 @@ lists them. Anything that is not an FscrError is a bug and is shown with its tra
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class FscrError(Exception):
     """Base class: the message is printed as one line, the process exits with `exit_code`."""
@@ -34,9 +36,21 @@ class NoSuchCheckpoint(FscrError):
 
 
 class CriuFailed(FscrError):
-    """CRIU ran and failed; the message names its log."""
+    """CRIU ran and failed: the message quotes the error of its log that explains why, a
+    hint where fscr knows one, and names the log (kept under <store>/failed/)."""
 
     exit_code = 7
+
+    def __init__(self, what: str, cause: str, hint: str | None = None,
+                 log: Path | None = None) -> None:
+        self.what, self.cause, self.hint, self.log = what, cause, hint, log
+        hint_text = f"; {hint}" if hint else ""
+        super().__init__(f"CRIU {what} failed: {cause}{hint_text}"
+                         + (f" (log: {log})" if log else ""))
+
+    def kept_at(self, log: Path) -> CriuFailed:
+        """The same failure, its log now at `log`."""
+        return CriuFailed(self.what, self.cause, self.hint, log)
 
 
 class SnapshotFailed(FscrError):

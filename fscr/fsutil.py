@@ -72,6 +72,15 @@ def mount_at(path: Path) -> Mount | None:
     return found[-1] if found else None
 
 
+def mount_of(path: Path) -> Mount | None:
+    """The mount that holds `path`: the longest mount point above it (the last one mounted,
+    if several are stacked)."""
+    real = os.path.realpath(path)
+    found = [m for m in mount_table()
+             if real == m.point or real.startswith(m.point.rstrip("/") + "/")]
+    return max(reversed(found), key=lambda m: len(m.point)) if found else None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

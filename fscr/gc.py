@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import locks, pipeline, relink, snapshot
-from .backends import criu
+from . import failures, locks, pipeline, relink, snapshot
+from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
 from .manifest import Manifest
@@ -79,7 +80,7 @@ def _draft(store: Store, run: Run) -> Manifest | None:
     if not drafts or not log.exists():
         return None
     m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
-    return m.model_copy(update={"netlock": criu.lock_table(log)})
+    return m.model_copy(update={"netlock": criu_log.lock_table(log)})
 
 
 def _commit_draft(store: Store, m: Manifest) -> None:
@@ -93,7 +94,7 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
     _thaw_steps(plan)  # first: a frozen workload is thawed at once
     _relink_steps(plan)
     draft = None if store.committed(run.id) else _draft(store, run)
-    if draft is not None and criu.dump_finished(store.dir(run.id) / "criu-dump.log"):
+    if draft is not None and criu_log.dump_finished(store.dir(run.id) / "criu-dump.log"):
         plan.add("commit the checkpoint: CRIU finished its dump and killed the tree, so the "
                  "image is all that is left of it", lambda: _commit_draft(store, draft))
         return plan
@@ -254,3 +255,15 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
                 except (OSError, FscrError) as e:
                     entry["errors"].append(f"{what}: {e}")
     return report
+
+
+def expire_failures(store: Store, dry_run: bool = False,
+                    now: datetime | None = None) -> list[str]:
+    """Remove the failed attempts kept longer than failures.KEEP_DAYS; says what it removed
+    (or, with dry_run, would remove)."""
+    out = []
+    for d in failures.expired(store.root, now or datetime.now(UTC)):
+        if not dry_run:
+            failures.remove(d)
+        out.append(f"remove failed attempt {d.name} (older than {failures.KEEP_DAYS} days)")
+    return out

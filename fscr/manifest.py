@@ -12,7 +12,14 @@ import hashlib
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import names
 from .errors import BadManifest
@@ -98,7 +105,8 @@ class SocketRecord(Record):
 class LeakRecord(Record):
     """A resource outside the checkpoint that the user accepted (--allow)."""
 
-    kind: Literal["external-files", "pipes", "unix-sockets", "namespaces", "devices", "shm"]
+    kind: Literal["external-files", "shared-memory", "pipes", "unix-sockets", "namespaces",
+                  "devices", "shm"]
     pid: int = Field(gt=0)
     what: str = Field(max_length=4096)
     detail: str = Field(max_length=4096)
@@ -125,6 +133,16 @@ class NetnsRecord(Record):
     def _clean(cls, v: str | None) -> str | None:
         return None if v is None else _absolute_clean(v)
 
+    @model_validator(mode="after")
+    def _how_found(self) -> NetnsRecord:
+        # Only a namespace the tree joined is found again at restore: by its bind mount or
+        # by a process in it, one of the two.
+        if (self.treatment == "external") != (self.path is not None or self.holder is not None):
+            raise ValueError(f"a {self.treatment} network namespace names no path or holder"
+                             if self.treatment == "external" else
+                             f"a {self.treatment} network namespace names a path or holder")
+        return self
+
 
 class Manifest(Record):
     schema_version: Literal[1]
@@ -143,13 +161,16 @@ class Manifest(Record):
     relinks: list[Relink]
     tcp: Literal["refuse", "established", "close"]
     sockets: list[SocketRecord]
-    allowed: list[Literal["external-files", "pipes", "unix-sockets", "namespaces", "devices"]]
+    allowed: list[Literal["external-files", "shared-memory", "pipes", "unix-sockets",
+                          "namespaces", "devices"]]
     leaks: list[LeakRecord]
     unchanged: list[UnchangedRecord]
     needs: list[Literal["shell-job", "file-locks", "ext-unix-sk"]]  # CRIU options it implies
     netns: NetnsRecord
+    pidns: bool = False  # the root is init of a PID namespace of its own (fscr run --pidns)
     # CRIU's nftables table that keeps --tcp established connections silent until restore
-    netlock: Annotated[str, Field(pattern=r"^CRIU-[0-9a-f-]{36}$")] | None
+    # (21 characters of CRIU's run id; 36 in checkpoints of fscr 0.1, which named it whole)
+    netlock: Annotated[str, Field(pattern=r"^CRIU-[0-9a-f-]{21}([0-9a-f-]{15})?$")] | None
     images: list[ImageFile]
     image_bytes: int = Field(ge=0)
     durations: dict[str, float]

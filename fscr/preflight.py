@@ -5,7 +5,13 @@ instant. Each such resource is a leak of one kind; by default any leak refuses t
 checkpoint, and `--allow KIND,...` accepts kinds explicitly (recorded in the manifest):
 
   external-files  files open or mapped writable on filesystems that are not the volumes;
-                  restored by reopening the path (its size must match then, see CRIU)
+                  restored by reopening the path (its size must match then, see CRIU).
+                  Shared anonymous memory, memfd and SysV shm are not files: they are
+                  inside the checkpoint (CRIU dumps them) unless a process outside the tree
+                  maps or holds the same object
+  shared-memory   shared anonymous memory or a memfd that a process outside the tree maps
+                  or holds too; restored as the tree's own (the outside process no longer
+                  shares its writes)
   pipes           pipes and fifos whose other end an outside process holds; restored
                   disconnected (the task sees EOF or EPIPE, as if the peer had died)
   unix-sockets    unix sockets whose peer is outside; datagram ones are restored
@@ -31,7 +37,8 @@ from .process import sockets as sockets_mod
 from .process.sockets import Socket
 from .process.tree import Task, all_pids, read_stat
 
-KINDS = ("external-files", "pipes", "unix-sockets", "namespaces", "devices", "shm")
+KINDS = ("external-files", "shared-memory", "pipes", "unix-sockets", "namespaces", "devices",
+         "shm")
 NEVER_ALLOWED = {"shm"}
 HARMLESS_DEVICES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full",
                     "/dev/tty", "/dev/ptmx", "/dev/console"}
@@ -85,16 +92,24 @@ class Report:
 
 
 class Holders:
-    """Who holds which pipe or socket, over every process: built on first use only, as the
-    scan of all processes is the costliest part of a preflight (it also runs while frozen)."""
+    """Who holds which pipe, socket or shared-memory object, over every process: each map
+    is built on first use only, as the scan of all processes is the costliest part of a
+    preflight (it also runs while frozen)."""
 
     def __init__(self) -> None:
         self._map: dict[str, set[int]] | None = None
+        self._shmem: dict[tuple[int, int], set[int]] | None = None
 
     def of(self, target: str) -> set[int]:
         if self._map is None:
             self._map = _holders()
         return self._map.get(target, set())
+
+    def of_shmem(self, dev: int, ino: int) -> set[int]:
+        """PIDs that map shared memory object (dev, ino) or hold it (a memfd) by fd."""
+        if self._shmem is None:
+            self._shmem = _shmem_holders()
+        return self._shmem.get((dev, ino), set())
 
 
 def _holders() -> dict[str, set[int]]:
@@ -112,6 +127,43 @@ def _holders() -> dict[str, set[int]]:
                 continue  # gone, or a process even root may not inspect (PID 1 here)
             if target.startswith(("pipe:[", "socket:[")):
                 out.setdefault(target, set()).add(pid)
+    return out
+
+
+SHMEM_NAMES = ("/dev/zero (deleted)", "/memfd:", "/SYSV")
+
+
+def _is_shmem(path: str) -> bool:
+    """Shared anonymous memory (the kernel names it /dev/zero), a memfd or a SysV segment:
+    objects on the kernel's internal shmem mount that no path outside can reach."""
+    return path.startswith(SHMEM_NAMES)
+
+
+def _shmem_holders() -> dict[tuple[int, int], set[int]]:
+    """{(dev, inode) of a shared-memory object: PIDs mapping it or holding it by fd}, over
+    every process. Maps are read as text (device and inode are columns of it), so no
+    mapping is stat-ed; only memfd fds are."""
+    out: dict[tuple[int, int], set[int]] = {}
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = f.read().splitlines()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for line in lines:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and _is_shmem(parts[5]):
+                major, _, minor = parts[3].partition(":")
+                dev = os.makedev(int(major, 16), int(minor, 16))
+                out.setdefault((dev, int(parts[4])), set()).add(pid)
+        for n in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{n}").startswith("/memfd:"):
+                    st = os.stat(f"/proc/{pid}/fd/{n}")
+                    out.setdefault((st.st_dev, st.st_ino), set()).add(pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
     return out
 
 
@@ -175,8 +227,12 @@ def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: Holders,
                 r.leaks.append(Leak("devices", t.pid, f"fd {n} {target}"))
         elif stat.S_ISREG(st.st_mode) and st.st_dev not in devs:
             mode = flags & os.O_ACCMODE
-            if mode == os.O_RDONLY and st.st_nlink > 0:
-                r.unchanged.append(Unchanged(target, st.st_size, st.st_mtime_ns))
+            if target.startswith("/memfd:"):
+                _shared_memory(t.pid, f"fd {n} {target}", (st.st_dev, st.st_ino), tree,
+                               holders, r)
+            elif mode == os.O_RDONLY and st.st_nlink > 0:
+                if _verifiable(target):
+                    r.unchanged.append(Unchanged(target, st.st_size, st.st_mtime_ns))
             elif mode == os.O_WRONLY and flags & os.O_APPEND:
                 continue  # a log: CRIU accepts an append-only file that grew
             else:
@@ -184,7 +240,26 @@ def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: Holders,
                                     "open for writing outside the volumes"))
 
 
-def _scan_maps(t: Task, devs: set[int], r: Report, seen: set[str], shared_ipc: bool) -> None:
+def _verifiable(path: str) -> bool:
+    """A read-only file whose size and mtime mean something at restore: a binary, a library,
+    a configuration file. Not /proc or /sys (their mtimes are the reader's clock), nor what
+    has no path (nsfs "net:[N]", anon inodes)."""
+    return path.startswith("/") and not path.startswith(("/proc/", "/sys/"))
+
+
+def _shared_memory(pid: int, what: str, obj: tuple[int, int], tree: set[int],
+                   holders: Holders, r: Report) -> None:
+    """Shared anonymous memory or a memfd: CRIU dumps it with the tree, so it is a leak only
+    when a process outside the tree maps or holds the same object (it would go on writing to
+    memory the restored tree no longer shares)."""
+    outside = sorted(holders.of_shmem(*obj) - tree)
+    if outside:
+        r.leaks.append(Leak("shared-memory", pid, what,
+                            "also mapped or held by " + ", ".join(map(_comm, outside))))
+
+
+def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Report,
+               seen: set[tuple[int, int]], shared_ipc: bool) -> None:
     try:
         lines = open(f"/proc/{t.pid}/maps").read().splitlines()
     except (FileNotFoundError, ProcessLookupError):
@@ -194,24 +269,33 @@ def _scan_maps(t: Task, devs: set[int], r: Report, seen: set[str], shared_ipc: b
         if len(parts) < 6 or not parts[5].startswith("/"):
             continue
         perms, path = parts[1], parts[5]
+        major, _, minor = parts[3].partition(":")
+        obj = (os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))
+        if obj in seen:
+            continue
+        seen.add(obj)
         if path.startswith("/SYSV"):
             if shared_ipc:
                 r.leaks.append(Leak("shm", t.pid, f"SysV shared memory {path.split()[0]}",
                                     "its IPC namespace is the host's, shared with processes "
                                     "outside the tree"))
+            continue  # in the tree's own IPC namespace: CRIU dumps it with the namespace
+        if _is_shmem(path):
+            _shared_memory(t.pid, f"mapping {path}", obj, tree, holders, r)
             continue
-        deleted = path.endswith(" (deleted)")
-        try:
+        try:  # maps shows a btrfs file's filesystem device, stat its subvolume's
             st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if st.st_dev in devs or path in seen:
+        if st.st_dev in devs:
             continue
-        seen.add(path)
-        if "w" in perms and perms.endswith("s"):
+        if not stat.S_ISREG(st.st_mode):
+            if path not in HARMLESS_DEVICES:
+                r.leaks.append(Leak("devices", t.pid, f"mapping {path}"))
+        elif "w" in perms and perms.endswith("s"):
             r.leaks.append(Leak("external-files", t.pid, f"mapping {path}",
                                 "shared and writable outside the volumes"))
-        elif not deleted:
+        elif not path.endswith(" (deleted)") and _verifiable(path):
             r.unchanged.append(Unchanged(path, st.st_size, st.st_mtime_ns))
 
 
@@ -262,15 +346,47 @@ def run(tasks: list[Task], devs: set[int]) -> Report:
     tree = {t.pid for t in tasks}
     holders = Holders()
     r = Report()
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
     shared_ipc = os.stat(f"/proc/{tasks[0].pid}/ns/ipc").st_ino == host_ns("ipc")
     for t in tasks:
         _scan_fds(t, devs, tree, holders, r)
-        _scan_maps(t, devs, r, seen, shared_ipc)
+        _scan_maps(t, devs, tree, holders, r, seen, shared_ipc)
     _scan_unix(tasks, tree, holders, r)
     _scan_namespaces(tasks[0].pid, tree, r)
     r.unchanged = sorted(set(r.unchanged), key=lambda u: u.path)
     return r
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _ids(pid: int) -> tuple[str, str] | None:
+    """The Uid: and Gid: lines of /proc/PID/status (real, effective, saved, fs)."""
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    got = {ln.split(":")[0]: " ".join(ln.split()[1:4]) for ln in lines
+           if ln.startswith(("Uid:", "Gid:"))}
+    return got.get("Uid", ""), got.get("Gid", "")
+
+
+def undumpable_users(tasks: list[Task]) -> list[str]:
+    """Tasks CRIU cannot dump from here: it reads each task's resource limits with prlimit(2),
+    which needs CAP_SYS_RESOURCE unless the task's user and group ids are all the caller's.
+    Empty where fscr has the capability."""
+    caps = next((ln.split()[1] for ln in open("/proc/self/status").read().splitlines()
+                 if ln.startswith("CapEff:")), "0")
+    if int(caps, 16) >> CAP_SYS_RESOURCE & 1:
+        return []
+    mine = _ids(os.getpid())
+    out = []
+    for t in tasks:
+        ids = _ids(t.pid)
+        if ids is not None and ids != mine:
+            out.append(f"{_comm(t.pid)} runs as uid {ids[0].split()[0]} gid "
+                       f"{ids[1].split()[0]}")
+    return out
 
 
 def changed(files: list) -> list[str]:  # noqa: ANN001 - Unchanged or the manifest's record

@@ -124,14 +124,15 @@ class Workloads:
     cgroups: list[str] = field(default_factory=list)
 
     def start(self, kind: str, *args: str, name: str | None = None,
-              netns: str | None = None) -> tuple[int, str]:
+              netns: str | None = None, pidns: bool = False) -> tuple[int, str]:
         """Start workload `kind` of tests/workloads/w.py; returns its PID and name."""
-        return self.run(sys.executable, str(WORKLOAD), kind, *args, name=name, netns=netns)
+        return self.run(sys.executable, str(WORKLOAD), kind, *args, name=name, netns=netns,
+                        pidns=pidns)
 
-    def run(self, *argv: str, name: str | None = None,
-            netns: str | None = None) -> tuple[int, str]:
+    def run(self, *argv: str, name: str | None = None, netns: str | None = None,
+            pidns: bool = False) -> tuple[int, str]:
         name = name or f"t{secrets.token_hex(4)}"
-        where = ["--netns", netns] if netns else []
+        where = (["--netns", netns] if netns else []) + (["--pidns"] if pidns else [])
         out = fscr("run", "--name", name, *where, "--json", "--", *argv)
         info = json.loads(out.stdout)
         self.cgroups.append(info["cgroup"])
@@ -209,6 +210,21 @@ def wait_unlinked(pid: int, path: Path, timeout: float = 30) -> None:
     wait_for(lambda: f"{path} (deleted)" in
              [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
              timeout, f"{path} to be written and unlinked")
+
+
+def take_pid(pid: int) -> subprocess.Popen[bytes]:
+    """A `sleep` that has PID `pid`: the kernel hands out the PID after ns_last_pid, as CRIU
+    itself does. Waits until the PID is free (the host's init may reap late). The caller
+    kills it."""
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, f"PID {pid} to be free")
+    for _ in range(100):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    raise AssertionError(f"could not start a process with PID {pid}")
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import alive, ask, counter_with_neighbour, fscr, lines, wait_for, wait_unlinked
+from conftest import (
+    alive,
+    ask,
+    counter_with_neighbour,
+    fscr,
+    lines,
+    take_pid,
+    wait_for,
+    wait_unlinked,
+)
 
 
 def relinks_on(volume: Path) -> list[str]:
@@ -193,15 +202,33 @@ def test_criu_failure_leaves_the_workload_running_and_no_residue(btrfs_volume, w
     grows(vol / "history", 3)
     out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "failing",
                store=store, check=False)
-    # A task traced by its parent: CRIU cannot seize it.
+    # A task traced by its parent: CRIU cannot seize it. The message quotes CRIU's error
+    # that says so (not its closing "Dumping FAILED"), a hint, and a log that exists.
     assert out.returncode == 7, out.stderr
-    assert "criu-dump.log" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "while seizing" in out.stderr and "another process traces it" in out.stderr
+    log = Path(out.stderr.rsplit("(log: ", 1)[1].rstrip(")\n"))
+    assert log.parent.parent == store / "failed" and "while seizing" in log.read_text()
     assert alive(pid) and not _frozen(pid)
     n = len(lines(vol / "history"))
     grows(vol / "history", n + 3)
     assert relinks_on(vol) == []
     assert not (btrfs_volume.mnt / ".fscr-snapshots" / "failing").exists()
     assert not (store / "checkpoints" / "failing").exists()
+    # Listed with what fscr recorded of the attempt (its journal among it)...
+    kept = json.loads(fscr("list", "--failed", "--json", store=store).stdout)["failed"]
+    assert [(f["record"]["id"], f["record"]["op"], f["logs"]) for f in kept] == [
+        ("failing", "checkpoint", ["criu-dump.log"])]
+    assert kept[0]["record"]["request"]["root"] == pid
+    assert '"event": "criu"' in (log.parent / "journal.jsonl").read_text()
+    # ...and removed by gc once older than a week, not before.
+    assert fscr("gc", "--json", store=store).stdout.count("failing-checkpoint") == 0
+    rec = log.parent / "attempt.json"
+    aged = json.loads(rec.read_text()) | {"when": "2000-01-01T00:00:00Z"}
+    rec.write_text(json.dumps(aged))
+    gone = json.loads(fscr("gc", "--json", store=store).stdout)["failed_removed"]
+    assert gone == [f"remove failed attempt {log.parent.name} (older than 7 days)"]
+    assert not log.parent.exists()
 
 
 def test_clear_errors_for_bad_input(btrfs_volume, workloads, store, tmp_path):
@@ -277,3 +304,36 @@ def test_tree_sharing_its_cgroup_is_frozen_alone_and_put_back(btrfs_volume, work
     assert not freezer.at(f"fscr/ckpt_{m['id']}").exists()
     got = grows(vol / "history", len(lines(Path(m["volumes"][0]["snapshot"]) / "history")) + 3)
     assert got == list(range(1, len(got) + 1))
+
+
+def ns_pids(pid: int) -> list[int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return [int(x) for x in status.split("NSpid:")[1].split("\n")[0].split()]
+
+
+def test_a_tree_in_its_own_pid_namespace_restores_where_its_pids_are_taken(
+        btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("tree", str(vol), pidns=True)
+    assert ns_pids(pid) == [pid, 1]  # the workload is init of its namespace
+    for who in ("parent", "child1", "child2"):
+        grows(vol / f"tree-{who}", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert m["pidns"] is True
+    wait_for(lambda: not alive(pid), 5, "the tree to be killed")
+    at = {w: len(lines(Path(m["volumes"][0]["snapshot"]) / f"tree-{w}"))
+          for w in ("parent", "child1", "child2")}
+    squatter = take_pid(pid)  # the root's PID now belongs to another process
+    try:
+        assert "PID namespace of its own" in fscr("doctor", "--for", m["id"], store=store).stdout
+        r = restore(store, m["id"])
+        assert r["pid"] != pid and ns_pids(r["pid"]) == [r["pid"], 1]
+        for who, n in at.items():  # each process counts on from its checkpointed value
+            after = grows(vol / f"tree-{who}", n + 3)
+            assert after == list(range(1, len(after) + 1))
+        # --replace of the restored tree: its old tasks need only die, no PID is waited for.
+        again = restore(store, m["id"], "--replace")
+        assert not alive(r["pid"]) and alive(again["pid"]) and alive(squatter.pid)
+    finally:
+        squatter.kill()
+        squatter.wait()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import alive, fscr, wait_for
+from conftest import alive, ask, fscr, wait_for
 from test_pipeline import checkpoint, grows, restore
 
 from fscr.process import freezer
@@ -130,6 +130,39 @@ def test_sysv_shared_memory_attached_outside_is_always_refused(btrfs_volume, wor
         assert "shm: SysV shared memory" in err and "can never be allowed" in err
     finally:  # marked for removal: it goes once the last process detaches
         subprocess.run(["ipcrm", "-M", key], check=True)
+
+
+def test_memory_shared_only_inside_the_tree_is_checkpointed_without_allow(btrfs_volume,
+                                                                          workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("shared", str(vol))
+    wait_for(lambda: ask(vol, "shared")["memfd"] > 3, what="the child to count")
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert m["leaks"] == [] and m["allowed"] == []
+    wait_for(lambda: not alive(pid))
+    restore(store, m["id"])
+    before = ask(vol, "shared")
+    # The parent still sees the child's writes: both objects are still shared after restore.
+    after = wait_for(lambda: (r := ask(vol, "shared"))["anon"] > before["anon"] + 3
+                     and r["memfd"] > before["memfd"] + 3 and r, what="the counts to rise")
+    assert abs(after["anon"] - after["memfd"]) <= 1
+
+
+def test_a_memfd_shared_with_an_outside_process(btrfs_volume, workloads, store, outsider):
+    vol = btrfs_volume.path
+    other, fd = outsider("import os, time; m = os.memfd_create('outside'); "
+                         "os.ftruncate(m, 4096); print(m, flush=True); time.sleep(1000)")
+    pid, _ = workloads.start("hold", str(vol), "memfd", f"/proc/{other}/fd/{fd}")
+    grows(vol / "history", 3)
+    err = refused_before_freezing(store, pid, vol)
+    assert "shared-memory: fd 3 /memfd:outside (deleted)" in err
+    assert f"also mapped or held by PID {other}" in err
+    assert "--allow shared-memory" in err
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--allow", "shared-memory")
+    # By fd (Python's mmap keeps a second one) and by mapping: every one recorded.
+    assert {x["what"].split()[0] for x in m["leaks"]} == {"fd", "mapping"}
+    assert all(x["kind"] == "shared-memory" and "/memfd:outside" in x["what"]
+               for x in m["leaks"])
 
 
 def test_a_self_contained_workload_passes_with_an_empty_report(btrfs_volume, workloads, store):

@@ -77,6 +77,34 @@ def run_as(u: pwd.struct_passwd, *args: str, env: dict[str, str]) -> tuple[int, 
     return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), err
 
 
+def _has_cap_sys_resource() -> bool:
+    caps = next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("CapEff:"))
+    return bool(int(caps, 16) >> 24 & 1)
+
+
+def test_a_task_of_another_user_is_refused_clearly_where_criu_cannot_dump_it(
+        btrfs_volume, workloads, store, user):
+    """Root without CAP_SYS_RESOURCE (this machine kind) cannot read another user's resource
+    limits, and CRIU needs them: refused before anything is frozen, naming the task. Where
+    root has the capability, the same tree is checkpointed."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.run("setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                           "--clear-groups", "sleep", "1000")
+    wait_for(lambda: os.stat(f"/proc/{pid}").st_uid == user.pw_uid, what="the drop to the user")
+    try:
+        out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), store=store,
+                   check=False, env=None if _has_cap_sys_resource()
+                   else {"FSCR_TEST_KILL_AT": "freeze"})  # refused before the freeze
+        if _has_cap_sys_resource():
+            assert out.returncode == 0, out.stderr
+            return
+        assert out.returncode == 15, out.stderr
+        assert f"PID {pid} (sleep) runs as uid {user.pw_uid}" in out.stderr
+        assert "CAP_SYS_RESOURCE" in out.stderr and alive(pid)
+    finally:
+        workloads.kill_all()  # before the user fixture removes the user
+
+
 def test_an_unprivileged_user_is_refused_before_anything_happens(btrfs_volume, workloads, store,
                                                                  user):
     vol = btrfs_volume.path

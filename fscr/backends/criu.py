@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import CriuFailed, MissingDependency, NoSpace
 from ..process.netns import entering
 from . import DumpRequest, RestoreRequest
+from .criu_log import explain, lock_table, mentions
 
 MIN_VERSION = (4, 2, 1)
 # Where scripts/setup installs it; FSCR_CRIU_PREFIX moves it, for setup and fscr alike.
@@ -89,10 +90,10 @@ def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
     finally:
         _, stderr = proc.communicate()
     if proc.returncode != 0:
-        if _mentions(log, "No space left on device") or "No space left" in stderr:
+        if mentions(log, "No space left on device") or "No space left" in stderr:
             raise NoSpace(f"CRIU {what} failed: no space left on device (log: {log})")
-        last = _last_error(log) or stderr.strip().splitlines()[-1:] or ["no message"]
-        raise CriuFailed(f"CRIU {what} failed: {''.join(last)} (log: {log})")
+        why = explain(log, stderr)
+        raise CriuFailed(what, why.cause, why.hint, log)
 
 
 def _tcp_options(tcp: str) -> list[str]:
@@ -113,33 +114,6 @@ def _options(options: frozenset[str]) -> list[str]:
     return [known[o] for o in sorted(options)]
 
 
-def lock_table(log: Path) -> str | None:
-    """The nftables table of a dump's network lock, from the run id CRIU logs."""
-    m = re.search(r"CRIU run id = ([0-9a-f-]{36})", log.read_text(errors="replace"))
-    return f"CRIU-{m.group(1)}" if m else None
-
-
-def dump_finished(log: Path) -> bool:
-    """CRIU logs this last, once every image is written."""
-    return _mentions(log, "Dumping finished successfully")
-
-
-def _mentions(log: Path, text: str) -> bool:
-    try:
-        return text in log.read_text(errors="replace")
-    except FileNotFoundError:
-        return False
-
-
-def _last_error(log: Path) -> list[str]:
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    errs = [ln for ln in lines if "Error" in ln]
-    return [errs[-1].strip()] if errs else []
-
-
 class Criu:
     name = "criu"
     writes_image = True
@@ -152,6 +126,11 @@ class Criu:
                 "-o", str(req.log), "-v3", "--freeze-cgroup", str(req.freeze_cgroup)]
         if req.leave_running:
             argv.append("--leave-running")
+        # A connection whose handshake completed while the tree was stopped waits, not yet
+        # accepted, in a listener's queue: CRIU cannot dump it ("In-flight connection") and
+        # fails the whole dump. Skipped, it is served by the running tree (or, restored, its
+        # client sees a reset and retries, as for any server restart).
+        argv.append("--skip-in-flight")
         argv += _tcp_options(req.tcp) + _options(req.options)
         for key in req.externals:
             argv += ["--external", key]

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, locks, preflight, relink, snapshot
+from .. import backends, failures, locks, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import FreezeTimeout, Refused
+from ..errors import CriuFailed, FreezeTimeout, Refused
 from ..fsutil import syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -33,7 +33,7 @@ from ..process import netns
 from ..process.files import OpenFile, open_files
 from ..process.freezer import Cgroup
 from ..process.target import Target, isolate, put_back, resolve
-from ..process.tree import Task, descendants, task_of
+from ..process.tree import Task, descendants, is_pidns_init, task_of
 from ..store import Store
 from ..watchdog import Watchdog
 from .common import (
@@ -153,15 +153,32 @@ class _Checkpoint:
             finally:
                 if moved:
                     put_back(moved, cg)
-        except BaseException:
+        except BaseException as e:
+            kept = None
             if not self.committed:  # after a --kill commit the checkpoint is all that's left
                 for s in self.snaps:
                     self.provider.delete(s)
+                if isinstance(e, CriuFailed):
+                    kept = self.keep_failure(e)
                 self.store.remove(self.id)
             self.journal.close()
+            if kept is not None:
+                raise kept from None
             raise
         self.journal.close()
         return m
+
+    def keep_failure(self, e: CriuFailed) -> CriuFailed:
+        """Keep CRIU's log and this run's record under <store>/failed/ (the checkpoint's own
+        directory goes): the message then names a log that exists."""
+        log = self.store.dir(self.id) / "criu-dump.log"
+        request = failures.as_json(asdict(self.req) | {
+            "volumes": [str(v) for v in self.volumes], "root": self.root,
+            "durations": self.t.seconds,
+            "preflight": self.report.as_dict()})
+        kept = failures.keep(self.store.root, self.id, "checkpoint", [log], self.journal.path,
+                             e, request)
+        return e.kept_at(kept / log.name) if kept is not None else e
 
     def frozen_window(self, cg: Cgroup, moved: dict[int, str]) -> Manifest:
         dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
@@ -180,8 +197,11 @@ class _Checkpoint:
                 # the commit leaves the tree running (the watchdog or gc thaws it).
                 m = self.commit(time.monotonic() - t0)
                 self.journal.note("kill", pids=[x.pid for x in self.tasks])
+                # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
+                # an init that dies takes its PID namespace along.
                 for x in self.tasks:
-                    os.kill(x.pid, signal.SIGKILL)  # delivered once thawed
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(x.pid, signal.SIGKILL)
         finally:
             try:
                 cg.thaw()  # an undo: made first, noted after (a full store must not stop it)
@@ -226,6 +246,10 @@ class _Checkpoint:
         self.report = preflight.run(tasks, {os.stat(v).st_dev for v in self.volumes})
         if not self.backend.writes_image:
             return
+        others = preflight.undumpable_users(tasks)
+        if others:
+            raise Refused(f"CRIU cannot dump tasks of other users here: {'; '.join(others)}; "
+                          "root lacks CAP_SYS_RESOURCE on this machine (fscr doctor)")
         refused = self.report.refused(set(self.req.allow))
         if refused:
             raise Refused(preflight.refusal(refused))
@@ -296,7 +320,7 @@ class _Checkpoint:
         return Manifest(
             schema_version=SCHEMA_VERSION,
             id=self.id,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="microseconds"),  # orders a burst
             hostname=socket.gethostname(),
             job=self.req.job,
             backend=self.backend.name,
@@ -320,6 +344,7 @@ class _Checkpoint:
                 treatment=p.treatment, inode=p.inode, path=p.path,
                 holder=TaskRecord(pid=p.holder.pid, starttime=p.holder.starttime)
                 if p.holder else None),
+            pidns=is_pidns_init(self.root),
             netlock=getattr(self, "netlock", None),
             images=images,
             image_bytes=sum(i.size for i in images),

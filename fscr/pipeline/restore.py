@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, locks, preflight, relink, snapshot
+from .. import backends, failures, locks, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
+from ..backends.criu_log import table_of as criu_table
 from ..errors import (
     BadManifest,
+    CriuFailed,
     FscrError,
     NoSuchCheckpoint,
     Refused,
@@ -98,11 +100,15 @@ class _Restore:
         except BaseException as e:
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
+            if isinstance(e, CriuFailed):
+                e = self.keep_failure(e, replace, volumes_only)
             self.journal.close()
             if isinstance(e, FscrError) and swapped:
                 killed = " (the old tree was killed by --replace)" if live else ""
                 raise RestoreRolledBack(
                     f"{e}; the volumes were put back as they were{killed}") from None
+            if isinstance(e, CriuFailed):
+                raise e from None
             raise
         # The tree runs: from here on nothing is undone. A failure leaves the journal, and
         # gc completes these steps.
@@ -111,6 +117,16 @@ class _Restore:
                                   [sw.rescue for sw in swapped])
         self.journal.close()
         return RestoreResult(self.m.id, pid, kept, self.t.seconds)
+
+    def keep_failure(self, e: CriuFailed, replace: bool, volumes_only: bool) -> CriuFailed:
+        """Keep CRIU's log of this restore and its record under <store>/failed/: the next
+        restore of this checkpoint would overwrite a log left in its directory."""
+        log = self.store.dir(self.m.id) / "criu-restore.log"
+        request = {"replace": replace, "volumes_only": volumes_only, "rollback": self.rollback,
+                   "durations": dict(self.t.seconds)}
+        kept = failures.keep(self.store.root, self.m.id, "restore", [log], self.journal.path,
+                             e, request)
+        return e.kept_at(kept / log.name) if kept is not None else e
 
     def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         """Every check, before anything is killed or swapped. Returns the live tree.
@@ -150,7 +166,7 @@ class _Restore:
             pids = ", ".join(str(x.pid) for x in live)
             raise TreeStillRunning(f"checkpoint {m.id}: its tree still runs (PID {pids}); "
                                    "use --replace to kill it first")
-        if processes:
+        if processes and not m.pidns:  # in a PID namespace of its own, no PID is taken
             mine = {x.pid for x in live}
             taken = [x.pid for x in m.tasks if x.pid not in mine
                      and (st := read_stat(x.pid)) is not None and st.state not in "ZX"]
@@ -186,7 +202,8 @@ class _Restore:
 
     def make_room(self, live: list[Task]) -> None:
         """Kill the still-running tree (--replace) and wait until every PID of the image is
-        free: CRIU restores the original PIDs."""
+        free: CRIU restores the original PIDs. A tree in a PID namespace of its own needs
+        only its old tasks dead (a zombie left for the host's init to reap holds nothing)."""
         self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in live])
         for x in live:
             if x.alive():
@@ -195,7 +212,8 @@ class _Restore:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 30
-        while busy := [x.pid for x in self.m.tasks if read_stat(x.pid) is not None]:
+        while busy := ([x.pid for x in live if x.alive()] if self.m.pidns else
+                       [x.pid for x in self.m.tasks if read_stat(x.pid) is not None]):
             if time.monotonic() > deadline:
                 raise TreeStillRunning(f"PIDs {busy} of checkpoint {self.m.id} are still in "
                                        "use; CRIU needs them free to restore")
@@ -258,7 +276,8 @@ def drop_netlock(m: Manifest) -> list[str]:
         path = netns.resolve(placement(m))
     except FscrError:
         return []  # the namespace, and its lock with it, is gone
-    return [f"network lock {m.netlock}"] if netns.drop_lock(path, m.netlock) else []
+    table = criu_table(m.netlock)
+    return [f"network lock {table}"] if netns.drop_lock(path, table) else []
 
 
 def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,

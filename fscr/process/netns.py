@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import subprocess
 from collections.abc import Callable
@@ -82,6 +83,24 @@ def resolve(p: Placement) -> str | None:
         return f"/proc/{p.holder.pid}/ns/net"
     raise BadTarget(f"the checkpoint's network namespace (inode {p.inode}) is gone: no bind "
                     "mount and its holder process exited")
+
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: which kind it is (linux/nsfs.h)
+
+
+def is_netns(path: str) -> bool:
+    """Whether `path` is a network namespace (a /run/netns bind mount, /proc/PID/ns/net),
+    asked of the kernel: any other file would only fail later, in setns."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def entering(path: str | None) -> Callable[[], None] | None:

@@ -106,6 +106,19 @@ def _descendants_by_scan(root: int) -> list[Task]:
     return out
 
 
+def is_pidns_init(pid: int) -> bool:
+    """Whether `pid` is the init (PID 1) of a PID namespace below the host's (`fscr run
+    --pidns`): CRIU then dumps the namespace, and restores recreate it."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                ids = line.split()[1:]
+                return len(ids) > 1 and ids[-1] == "1"
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
 def ancestors(pid: int) -> list[int]:
     """PIDs from `pid` up to PID 1, both included."""
     chain = []

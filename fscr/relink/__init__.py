@@ -123,9 +123,12 @@ def _clone_or_copy(of: OpenFile, dirfd: int, name: str) -> str:
                         raise
             if method == "copy":
                 _sparse_copy(src, dst, of.size)
-            # CRIU refuses a file whose mode differs from the dump ("has bad mode").
+            # CRIU refuses a file whose mode differs from the dump ("has bad mode"); the
+            # times are the file's too (a program may compare them, ZDTM's file_attr does).
             os.fchown(dst, of.uid, of.gid)
             os.fchmod(dst, of.mode)
+            st = os.fstat(src)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(dst)
         finally:
             os.close(dst)

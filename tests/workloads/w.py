@@ -34,7 +34,13 @@ tcptree DIR PORT      a server listening on 127.0.0.1:PORT and two clients of it
 hold DIR WHAT ARG     holds something outside the tree, then counts into DIR/history:
                       file PATH (open read-write), wronly PATH (open write-only: a fifo or
                       a pipe through /proc/PID/fd/N), unix-stream PATH or unix-dgram PATH
-                      (connected to a server there), shm KEY (SysV segment attached)
+                      (connected to a server there), shm KEY (SysV segment attached),
+                      memfd PATH (a memfd reached through /proc/PID/fd/N, mapped shared)
+shared DIR            a parent and a child sharing anonymous memory and a memfd: the child
+                      counts in both, the parent reports what it sees to DIR/shared.json on
+                      request (the counts go on rising only while the memory is shared)
+echo DIR PORT         a server on 127.0.0.1:PORT that answers each connection's line with
+                      "echo <line>" and closes it (short connections, one command each)
 unixq DIR             stream, dgram and seqpacket socketpairs with data queued, unread; on
                       DIR/report-unixq.json appearing, reads it all and reports it
 """
@@ -108,7 +114,8 @@ def unlinked0(d, size):
 
 
 def report_loop(d, fd, name):
-    """On DIR/report-<name> appearing, write size, offset, nlink and sha256 of fd's data."""
+    """On DIR/report-<name> appearing, write size, offset, nlink, mtime and sha256 of fd's
+    data."""
     trigger = os.path.join(d, f"report-{name}")
     while True:
         if os.path.exists(trigger):
@@ -121,7 +128,8 @@ def report_loop(d, fd, name):
                 h.update(chunk)
                 off += len(chunk)
             atomic(os.path.join(d, name), json.dumps(
-                {"size": st.st_size, "pos": pos, "nlink": st.st_nlink, "sha256": h.hexdigest()}))
+                {"size": st.st_size, "pos": pos, "nlink": st.st_nlink,
+                 "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}))
         time.sleep(TICK)
 
 
@@ -349,7 +357,47 @@ def hold(d, what, arg):
         shmid = libc.shmget(int(arg, 0), 4096, 0o600)
         assert shmid >= 0, ctypes.get_errno()
         keep.append(libc.shmat(shmid, None, 0))
+    elif what == "memfd":
+        import mmap
+
+        fd = os.open(arg, os.O_RDWR)
+        keep.append(mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED))
     counter(d)
+
+
+def shared(d):
+    import mmap
+
+    anon = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)
+    mfd = os.memfd_create("fscr-test")
+    os.ftruncate(mfd, 4096)
+    mem = mmap.mmap(mfd, 4096, flags=mmap.MAP_SHARED)
+    if os.fork() == 0:
+        n = 0
+        while True:
+            n += 1
+            anon[:8] = mem[:8] = n.to_bytes(8, "little")
+            time.sleep(TICK)
+    trigger = os.path.join(d, "report-shared.json")
+    while True:
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            seen = {"anon": int.from_bytes(anon[:8], "little"),
+                    "memfd": int.from_bytes(mem[:8], "little")}
+            atomic(os.path.join(d, "shared.json"), json.dumps(seen))
+        time.sleep(TICK)
+
+
+def echo(d, port):
+    srv = socket.create_server(("127.0.0.1", int(port)), backlog=128)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.sendall(b"echo " + conn.recv(64))
+            except OSError:
+                pass  # a client that gave up
 
 
 def unixq(d):
