@@ -22,7 +22,8 @@ from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
 from .manifest import Manifest
-from .pipeline import finish_restore, volume_lock, workload_lock
+from .names import copy_cgroup, is_copy
+from .pipeline import finish_restore, restore_lock, volume_lock, workload_lock
 from .pipeline.restore import drop_netlock
 from .process import freezer
 from .process.freezer import Cgroup
@@ -137,7 +138,40 @@ def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
         return None
 
 
+def plan_beside(store: Store, run: Run) -> Plan:
+    """A restore --beside: finish the copy if CRIU restored it, else remove what it made
+    (clones and cgroup, each named after the copy)."""
+    plan = Plan(run)
+    name = run.begin["beside"]
+    if not is_copy(name):
+        raise FscrError(f"journal {run.path.name} names copy {name!r}, not one of fscr's")
+    clones = {e["volume"]: Path(e["path"]) for e in run.events("clone")
+              if Path(e["path"]).parent.name == name}
+    cgroup = f"/{copy_cgroup(name)}"
+    try:
+        m = store.load(run.id)
+    except FscrError:
+        m = None
+    root = _restored_root(store, run, cgroup) if m is not None else None
+    if root is not None and m is not None:
+        plan.add(f"finish copy {name} (PID {root}): unlink relinks in its clones, record it",
+                 lambda: pipeline.finish_beside(store, m, name, clones))
+        plan.add("remove CRIU's pidfile",
+                 lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
+        return plan
+    provider = _provider(run)
+    for c in clones.values():
+        if provider.exists(str(c)) or c.parent.exists():
+            plan.add(f"remove the unused clone {c}", lambda c=c: provider.delete(str(c)))
+    cg = freezer.at(cgroup)
+    if cg.exists():
+        plan.add(f"remove cgroup {cgroup}", cg.remove)
+    return plan
+
+
 def plan_restore(store: Store, run: Run) -> Plan:
+    if run.begin.get("beside"):
+        return plan_beside(store, run)
     plan = Plan(run)
     try:
         m = store.load(run.id)
@@ -195,6 +229,8 @@ def plan(store: Store, run: Run) -> Plan:
 
 def _lock_keys(run: Run) -> list[str]:
     keys = [volume_lock(Path(v)) for v in run.begin.get("volumes", [])]
+    if run.op == "restore":
+        keys.append(restore_lock(run.id))
     for e in run.events("isolate"):
         keys.append(workload_lock(Task(e["root"], e["starttime"])))
     return keys

@@ -12,6 +12,7 @@ from .errors import BadInput
 # Ids and names: no '-', which separates id and counter in unlink-at-restart-<id>-<n>.
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}"
 RESCUE_PATTERN = rf"rescue_{ID_PATTERN}_[0-9]{{8}}T[0-9]{{6}}Z_[0-9a-f]{{4}}"
+COPY_PATTERN = rf"copy_{ID_PATTERN}_[0-9]{{8}}T[0-9]{{6}}Z_[0-9a-f]{{4}}"
 SNAPDIR = ".fscr-snapshots"
 FSCR_GROUP = "fscr"  # every cgroup fscr creates lives under this name in its hierarchy
 RELINK_DIR = Path("lost+found/checkpoint")
@@ -27,6 +28,22 @@ def check_id(value: str, what: str = "checkpoint id") -> str:
 
 def is_rescue(name: str) -> bool:
     return re.fullmatch(RESCUE_PATTERN, name) is not None
+
+
+def is_copy(name: str) -> bool:
+    """A copy restored beside its original (restore --beside): copy_<id>_<time>_<hex>."""
+    return re.fullmatch(COPY_PATTERN, name) is not None
+
+
+def copy_path(volume: Path, copy: str, n: int) -> Path:
+    """The writable clone of volume n a copy runs on (mounted at the volume's path in the
+    copy's own mount namespace)."""
+    return snapshot_root(volume) / copy / str(n)
+
+
+def copy_cgroup(copy: str) -> str:
+    """The cgroup (below fscr's group) a copy is restored into."""
+    return f"{FSCR_GROUP}/{copy}"
 
 
 def snapshot_root(volume: Path) -> Path:

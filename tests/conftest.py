@@ -158,7 +158,8 @@ class Workloads:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            wait_for(lambda cg=cg: not cg.procs(), 10, f"workload in {rel} to die")
+            # Until no thread is left, not only no process: else the rmdir fails (EBUSY).
+            wait_for(lambda cg=cg: not cg.populated(), 30, f"workload in {rel} to die")
             cg.remove()
         self.cgroups.clear()
 

@@ -155,6 +155,35 @@ def test_restore_killed_at_each_stage_is_finished_or_undone_by_gc(event, btrfs_v
     assert alive(r["pid"])
 
 
+BESIDE_EVENTS = ["begin", "clone", "cgroup", "criu", "restored"]
+
+
+@pytest.mark.parametrize("event", BESIDE_EVENTS)
+def test_restore_beside_killed_at_each_stage_is_finished_or_undone_by_gc(
+        event, btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol), pidns=True)  # it holds relinked files
+    grows(vol / "history", 3)
+    good = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    assert good["relinks"]
+
+    crash(store, event, "restore", good["id"], "--beside")
+    gc(store)
+    made = {p.name for p in (vol.parent / ".fscr-snapshots").glob("copy_*")}
+    listed = json.loads(fscr("list", "--json", store=store).stdout)["copies"]
+    for c in listed:
+        workloads.cgroups.append(c["cgroup"])  # stopped at teardown
+    assert made == {c["name"] for c in listed}  # no clone left that is not a recorded copy
+    assert os.listdir(store / "journal") == []
+    if event in ("criu", "restored"):  # CRIU had started: gc let it finish, then the copy
+        [c] = listed                   # was recorded, running, its relinks gone
+        assert c["pids"] and relinks_on(Path(c["volumes"][0]["clone"])) == []
+    else:
+        assert listed == [] and not any(freezer.at("fscr").path.glob("copy_*"))
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    counts_cleanly(vol / "history")
+
+
 def _fill(vol: Path, leave: int) -> None:
     """Fill the volume, then free about `leave` bytes."""
     with open(vol / "filler", "wb") as f:

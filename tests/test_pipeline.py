@@ -337,3 +337,45 @@ def test_a_tree_in_its_own_pid_namespace_restores_where_its_pids_are_taken(
     finally:
         squatter.kill()
         squatter.wait()
+
+
+def test_a_copy_runs_beside_its_running_original(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol), pidns=True)
+    grows(vol / "history", 5)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    at = lines(Path(m["volumes"][0]["snapshot"]) / "history")
+
+    r = restore(store, m["id"], "--beside")
+    copy = r["copy"]
+    workloads.cgroups.append(f"/fscr/{copy}")  # killed at teardown should the test fail
+    assert r["pid"] != pid and alive(pid) and alive(r["pid"])
+    # The copy counts on from the checkpoint in its own clone of the volume, seen at the
+    # volume's path by it alone...
+    clone = btrfs_volume.mnt / ".fscr-snapshots" / copy / "0"
+    theirs = grows(clone / "history", len(at) + 5)
+    assert theirs[: len(at)] == at and theirs == list(range(1, len(theirs) + 1))
+    assert os.readlink(f"/proc/{r['pid']}/cwd") == str(vol)
+    # ...while the original goes on in the live volume, undisturbed (no number twice).
+    ours = grows(vol / "history", len(theirs) + 5)
+    assert ours == list(range(1, len(ours) + 1))
+    listed = json.loads(fscr("list", "--json", store=store).stdout)["copies"]
+    assert [(c["name"], c["id"], c["pids"]) for c in listed] == [(copy, m["id"], [r["pid"]])]
+    out = fscr("checkpoint", "--pid", str(r["pid"]), "--volume", str(vol), store=store,
+               check=False)
+    assert out.returncode == 15 and "mount namespace of its own" in out.stderr
+
+    removed = json.loads(fscr("delete", copy, "--json", store=store).stdout)["removed"]
+    assert f"stopped PID {r['pid']}" in removed and str(clone) in removed
+    assert not alive(r["pid"]) and not clone.exists() and alive(pid)
+    assert json.loads(fscr("list", "--json", store=store).stdout)["copies"] == []
+
+
+def test_a_copy_beside_needs_a_tree_in_its_own_pid_namespace(btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    out = fscr("restore", m["id"], "--beside", store=store, check=False)
+    assert out.returncode == 15 and "fscr run --pidns" in out.stderr
+    assert not list((btrfs_volume.mnt / ".fscr-snapshots").glob("copy_*"))

@@ -36,6 +36,11 @@ class RestoreRequest:
     tcp: str = "refuse"
     netns: str | None = None
     options: frozenset[str] = frozenset()
+    # A copy beside its original (restore --beside): restored in a mount namespace of its
+    # own with these (source, target) bind mounts, into cgroup (kind, path) instead of the
+    # one it was dumped from.
+    binds: tuple[tuple[str, str], ...] = ()
+    cgroup: tuple[str, str] | None = None
 
 
 class Backend(Protocol):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CriuFailed, MissingDependency, NoSpace
+from ..process.mountns import chain, private_binds
 from ..process.netns import entering
 from . import DumpRequest, RestoreRequest
 from .criu_log import explain, lock_table, mentions
@@ -78,11 +79,12 @@ def require() -> str:
 
 
 def _run(argv: list[str], log: Path, what: str, started: Callable[[int], None],
-         netns: str | None, pass_fds: tuple[int, ...] = ()) -> None:
+         netns: str | None, pass_fds: tuple[int, ...] = (),
+         binds: tuple[tuple[str, str], ...] = ()) -> None:
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
-                                preexec_fn=entering(netns))
+                                preexec_fn=chain(entering(netns), private_binds(list(binds))))
     except (OSError, subprocess.SubprocessError) as e:
         raise CriuFailed(f"cannot start CRIU {what}: {e}") from None
     try:
@@ -149,7 +151,12 @@ class Criu:
         argv += _tcp_options(req.tcp) + _options(req.options)
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
-        _run(argv, req.log, "restore", started, req.netns, tuple(fd for fd, _ in req.inherit))
+        if req.cgroup is not None:
+            # CRIU names cgroup2's controller "" ("[controller:]/newroot", criu/config.c).
+            kind, path = req.cgroup
+            argv += ["--cgroup-root", f"{'' if kind == 'v2' else 'freezer'}:{path}"]
+        _run(argv, req.log, "restore", started, req.netns, tuple(fd for fd, _ in req.inherit),
+             req.binds)
         try:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError):

@@ -4,13 +4,17 @@ checkpoint (checkpoint.py): check -> lock -> isolate -> watchdog -> freeze -> sc
     -> snapshot -> dump -> unrelink -> commit -> (kill) -> thaw
 restore (restore.py): lock -> validate -> make room -> swap volumes in -> reopen relinks
     -> CRIU restore -> finish (lineage, unlink relinks, seal rescue snapshots, cgroup)
+restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a mount
+    namespace with the clones at the volumes' paths -> finish (unlink relinks, record copy)
 
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
+from .beside import finish_beside, restore_beside
 from .checkpoint import CheckpointRequest, check, checkpoint
-from .common import Progress, quiet, require_root, volume_lock, workload_lock
+from .common import Progress, quiet, require_root, restore_lock, volume_lock, workload_lock
 from .restore import RestoreResult, delete, finish_restore, restore
 
 __all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",
-           "finish_restore", "quiet", "require_root", "restore", "volume_lock", "workload_lock"]
+           "finish_beside", "finish_restore", "quiet", "require_root", "restore",
+           "restore_beside", "restore_lock", "volume_lock", "workload_lock"]

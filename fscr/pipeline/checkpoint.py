@@ -32,6 +32,7 @@ from ..names import check_id, relink_name
 from ..process import netns
 from ..process.files import OpenFile, open_files
 from ..process.freezer import Cgroup
+from ..process.mountns import shares_mine
 from ..process.target import Target, isolate, put_back, resolve
 from ..process.tree import Task, descendants, is_pidns_init, task_of
 from ..store import Store
@@ -246,6 +247,11 @@ class _Checkpoint:
         self.report = preflight.run(tasks, {os.stat(v).st_dev for v in self.volumes})
         if not self.backend.writes_image:
             return
+        apart = [t.pid for t in tasks if not shares_mine(t.pid)]
+        if apart:
+            raise Refused(f"PID {apart[0]} lives in a mount namespace of its own (a copy made "
+                          "by restore --beside, or a container): CRIU would have to dump that "
+                          "namespace, which fscr does not support; checkpoint the original")
         others = preflight.undumpable_users(tasks)
         if others:
             raise Refused(f"CRIU cannot dump tasks of other users here: {'; '.join(others)}; "

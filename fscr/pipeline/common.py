@@ -36,6 +36,11 @@ def volume_lock(path: Path) -> str:
     return f"volume {os.path.realpath(path)}"
 
 
+def restore_lock(ckpt_id: str) -> str:
+    """Held by every restore of a checkpoint: they share its pidfile and its restore log."""
+    return f"restore of checkpoint {ckpt_id}"
+
+
 def workload_lock(root: Task) -> str:
     return f"workload PID {root.pid} (start {root.starttime})"
 

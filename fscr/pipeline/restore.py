@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, failures, locks, preflight, relink, snapshot
+from .. import backends, copies, failures, locks, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..backends.criu_log import table_of as criu_table
@@ -26,13 +26,22 @@ from ..errors import (
 )
 from ..journal import Journal
 from ..manifest import Manifest
-from ..names import check_id, is_rescue, lv_rescue_name
+from ..names import check_id, is_copy, is_rescue, lv_rescue_name
 from ..process import freezer, netns
 from ..process.files import holders
 from ..process.target import put_back
 from ..process.tree import Task, descendants, read_stat
 from ..store import Store
-from .common import Progress, Timings, in_background, noting_pid, quiet, require_root, volume_lock
+from .common import (
+    Progress,
+    Timings,
+    in_background,
+    noting_pid,
+    quiet,
+    require_root,
+    restore_lock,
+    volume_lock,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class RestoreResult:
     pid: int | None
     rescues: list[str]
     durations: dict[str, float]
+    copy: str | None = None  # restore --beside: the copy's name
 
 
 def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
@@ -56,7 +66,8 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
     require_root()
     store = Store.open(store_dir)
     m = store.load(check_id(ckpt_id))
-    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes], progress):
+    keys = [volume_lock(Path(v.path)) for v in m.volumes] + [restore_lock(m.id)]
+    with locks.hold(keys, progress):
         dead = journal_mod.unfinished(store.root, m.id)
         if dead:
             raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
@@ -101,7 +112,7 @@ class _Restore:
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
             if isinstance(e, CriuFailed):
-                e = self.keep_failure(e, replace, volumes_only)
+                e = self.keep_failure(e, replace=replace, volumes_only=volumes_only)
             self.journal.close()
             if isinstance(e, FscrError) and swapped:
                 killed = " (the old tree was killed by --replace)" if live else ""
@@ -118,12 +129,12 @@ class _Restore:
         self.journal.close()
         return RestoreResult(self.m.id, pid, kept, self.t.seconds)
 
-    def keep_failure(self, e: CriuFailed, replace: bool, volumes_only: bool) -> CriuFailed:
+    def keep_failure(self, e: CriuFailed, **asked: object) -> CriuFailed:
         """Keep CRIU's log of this restore and its record under <store>/failed/: the next
         restore of this checkpoint would overwrite a log left in its directory."""
         log = self.store.dir(self.m.id) / "criu-restore.log"
-        request = {"replace": replace, "volumes_only": volumes_only, "rollback": self.rollback,
-                   "durations": dict(self.t.seconds)}
+        request = failures.as_json(asked | {"rollback": self.rollback,
+                                            "durations": dict(self.t.seconds)})
         kept = failures.keep(self.store.root, self.m.id, "restore", [log], self.journal.path,
                              e, request)
         return e.kept_at(kept / log.name) if kept is not None else e
@@ -141,6 +152,12 @@ class _Restore:
             verified()
 
     def validate_tree(self, processes: bool, replace: bool, force: bool) -> list[Task]:
+        self.check_sources(processes)
+        return self.check_room(processes, replace, force)
+
+    def check_sources(self, processes: bool) -> None:
+        """What the restore reads is there and as recorded: CRIU, the snapshots and their
+        relinks, the network namespace, the binaries and libraries the tree had open."""
         m = self.m
         if processes:
             self.backend.check()
@@ -161,6 +178,11 @@ class _Restore:
         if differ:
             raise Refused(f"{differ[0]} changed since checkpoint {m.id} (the tree had it open "
                           "or mapped read-only): refusing to restore onto it")
+
+    def check_room(self, processes: bool, replace: bool, force: bool) -> list[Task]:
+        """Nothing is in the way: the tree does not run (or may be killed), its PIDs are free,
+        no outside process holds the volumes. Returns the live tree."""
+        m = self.m
         live = self.live_tree()
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)
@@ -235,16 +257,23 @@ class _Restore:
 
             self.provider.swap_in(v.snapshot, vol, sw.rescue, made)
 
-    def restore_processes(self) -> int:
+    def restore_processes(self, clones: dict[str, Path] | None = None,
+                          cgroup: tuple[str, str] | None = None) -> int:
+        """CRIU restores the tree, each relinked file handed over reopened. A copy beside its
+        original (`clones`: volume -> its clone) reopens them in the clones, runs with each
+        clone bind-mounted at its volume's path in a mount namespace of its own, and lands in
+        `cgroup` (kind, path)."""
         fds: list[tuple[int, str]] = []
         pidfile = self.store.dir(self.m.id) / "restore.pid"
+        where = clones or {}
         try:
             for r in self.m.relinks:
-                fds.append((relink.reopen(r, Path(r.volume)), r.key))
+                fds.append((relink.reopen(r, where.get(r.volume, Path(r.volume))), r.key))
             pid = self.backend.restore(RestoreRequest(
                 images=self.store.images(self.m.id),
                 log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
-                inherit=fds, tcp=self.m.tcp, netns=self.netns, options=frozenset(self.m.needs)),
+                inherit=fds, tcp=self.m.tcp, netns=self.netns, options=frozenset(self.m.needs),
+                binds=tuple((str(c), v) for v, c in where.items()), cgroup=cgroup),
                 noting_pid(self.journal))
         finally:
             for fd, _ in fds:
@@ -313,6 +342,8 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     Returns what was removed."""
     require_root()
     store = Store.open(store_dir)
+    if is_copy(name):
+        return copies.delete(store.root, name)
     if is_rescue(name):
         for r in store.rescues():
             if r.get("name") == name:

@@ -76,6 +76,13 @@ class Cgroup:
     def exists(self) -> bool:
         return self.path.is_dir()
 
+    def populated(self) -> bool:
+        """Whether any task is still in it: a killed process leaves cgroup.procs while its
+        threads are still exiting, and the cgroup cannot be removed until they have."""
+        if self.kind == "v2":
+            return "populated 1" in (self.path / "cgroup.events").read_text().splitlines()
+        return bool((self.path / "tasks").read_text().split())
+
     def remove(self) -> None:
         """Remove the cgroup if it is empty; one that still holds tasks (EBUSY) stays."""
         try:

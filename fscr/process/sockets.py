@@ -77,8 +77,10 @@ def _addr(hexaddr: str) -> str:
     return f"[{socket.inet_ntop(socket.AF_INET6, words)}]:{int(port, 16)}"
 
 
-def _inet(pid: int, family: str) -> dict[int, tuple[str, str, str]]:
-    """{inode: (local, remote, state)} from /proc/PID/net/<family> (the task's netns)."""
+def _inet(pid: int, family: str, wanted: set[int]) -> dict[int, tuple[str, str, str]]:
+    """{inode: (local, remote, state)} from /proc/PID/net/<family> (the task's netns), for
+    the sockets `wanted` only: a busy server's namespace lists thousands of TIME_WAIT
+    entries, and this runs inside the frozen window."""
     out = {}
     try:
         lines = open(f"/proc/{pid}/net/{family}").read().splitlines()[1:]
@@ -86,6 +88,8 @@ def _inet(pid: int, family: str) -> dict[int, tuple[str, str, str]]:
         return out
     for line in lines:
         f = line.split()
+        if int(f[9]) not in wanted:
+            continue
         state = TCP_STATES.get(int(f[3], 16), f[3]) if family.startswith("tcp") else "UDP"
         out[int(f[9])] = (_addr(f[1]), _addr(f[2]), state)
     return out
@@ -165,14 +169,15 @@ def scan(tasks: list[Task]) -> list[Socket]:
     """Every socket the tasks hold by fd, with family, state and addresses (unix: path and
     the peer's inode)."""
     out: list[Socket] = []
+    held = [(t, fds) for t in tasks if (fds := _socket_fds(t.pid))]
+    wanted: dict[int, set[int]] = {}  # the tree's socket inodes, per network namespace
+    for t, fds in held:
+        wanted.setdefault(netns_of(t.pid), set()).update(fds)
     per_netns: dict[int, tuple[dict, dict]] = {}
-    for t in tasks:
-        fds = _socket_fds(t.pid)
-        if not fds:
-            continue
+    for t, fds in held:
         ns = netns_of(t.pid)
         if ns not in per_netns:
-            inet = {fam: _inet(t.pid, fam) for fam in ("tcp", "tcp6", "udp", "udp6")}
+            inet = {fam: _inet(t.pid, fam, wanted[ns]) for fam in ("tcp", "tcp6", "udp", "udp6")}
             per_netns[ns] = (inet, _unix_diag(f"/proc/{t.pid}/ns/net"))
         inet, unix = per_netns[ns]
         for ino, fd in sorted(fds.items(), key=lambda x: x[1]):

@@ -66,6 +66,13 @@ class Provider(Protocol):
     def seal(self, rescue: str) -> None:
         """Make a rescue read-only once the restore succeeded."""
 
+    # restore --beside
+    clones: bool  # whether clone works: a copy beside the original needs it
+
+    def clone(self, snapshot: str, dest: Path) -> None:
+        """A writable copy of `snapshot` at `dest` (a directory fscr names), leaving the
+        volume alone; on failure nothing is left at `dest`."""
+
 
 KINDS = ("btrfs", "lvm", "none")
 

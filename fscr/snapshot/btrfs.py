@@ -151,6 +151,19 @@ class Btrfs:
     def seal(self, rescue: str) -> None:
         btrfsutil.set_subvolume_read_only(rescue, True)
 
+    clones = True
+
+    def clone(self, snapshot: str, dest: Path) -> None:
+        _mkdir_private(dest.parent.parent)
+        _mkdir_private(dest.parent)
+        try:
+            btrfsutil.create_snapshot(snapshot, str(dest), read_only=False)
+        except btrfsutil.BtrfsUtilError as e:
+            _rmdir_quietly(dest.parent)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space for a copy of {snapshot}") from None
+            raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
+
 
 def identity(volume: Path) -> str | None:
     """What tells this subvolume from every other (its UUID): gc compares it with the copy a

@@ -530,6 +530,12 @@ class Lvm:
         if lv is not None and lv.lv_attr[1] != "r":  # lvchange refuses "already read only"
             self.run(["lvchange", "--permission", "r", lv.full])
 
+    clones = False
+
+    def clone(self, snapshot: str, dest: Path) -> None:
+        raise Refused("restore --beside needs btrfs: a copy of an LVM snapshot would have to "
+                      "be mounted for it, which fscr does not do yet")
+
 
 def _swap(copy: str) -> Swap:
     try:

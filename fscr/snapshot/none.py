@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import BadVolume
+from ..errors import BadVolume, Refused
 
 
 class NoSnapshot:
@@ -51,3 +51,9 @@ class NoSnapshot:
 
     def seal(self, rescue: str) -> None:
         pass
+
+    clones = False
+
+    def clone(self, snapshot: str, dest: Path) -> None:
+        raise Refused("a checkpoint without snapshots (--snapshot none) has no volume to run "
+                      "a copy from")
