@@ -39,6 +39,7 @@ class Mount(NamedTuple):
     source: str
     options: str  # the mount's own (rw, nosuid, relatime...), not the filesystem's
     dev: tuple[int, int]  # major, minor
+    id: int = 0  # the mount id (mnt_id in fdinfo)
 
 
 def mount_table() -> list[Mount]:
@@ -52,7 +53,7 @@ def mount_table() -> list[Mount]:
             fstype, src, sopts = post.split(" ")[:3]
             major, minor = fields[2].split(":")
             out.append(Mount(fstype, _unescape(fields[4]), sopts.strip(), _unescape(src),
-                             fields[5], (int(major), int(minor))))
+                             fields[5], (int(major), int(minor)), int(fields[0])))
     return out
 
 

@@ -34,6 +34,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 
 from .process import sockets as sockets_mod
+from .process.files import DELETED
 from .process.sockets import Socket
 from .process.tree import Task, all_pids, read_stat
 
@@ -92,24 +93,25 @@ class Report:
 
 
 class Holders:
-    """Who holds which pipe, socket or shared-memory object, over every process: each map
-    is built on first use only, as the scan of all processes is the costliest part of a
-    preflight (it also runs while frozen)."""
+    """Who holds which pipe, socket, shared-memory object or unlinked file, over every
+    process: each map is built on first use only, as the scan of all processes is the
+    costliest part of a preflight (it also runs while frozen)."""
 
     def __init__(self) -> None:
         self._map: dict[str, set[int]] | None = None
-        self._shmem: dict[tuple[int, int], set[int]] | None = None
+        self._hidden: dict[tuple[int, int], set[int]] | None = None
 
     def of(self, target: str) -> set[int]:
         if self._map is None:
             self._map = _holders()
         return self._map.get(target, set())
 
-    def of_shmem(self, dev: int, ino: int) -> set[int]:
-        """PIDs that map shared memory object (dev, ino) or hold it (a memfd) by fd."""
-        if self._shmem is None:
-            self._shmem = _shmem_holders()
-        return self._shmem.get((dev, ino), set())
+    def of_hidden(self, dev: int, ino: int) -> set[int]:
+        """PIDs that map or hold by fd object (dev, ino): shared memory, a memfd, a file no
+        name reaches any more."""
+        if self._hidden is None:
+            self._hidden = _hidden_holders()
+        return self._hidden.get((dev, ino), set())
 
 
 def _holders() -> dict[str, set[int]]:
@@ -139,10 +141,10 @@ def _is_shmem(path: str) -> bool:
     return path.startswith(SHMEM_NAMES)
 
 
-def _shmem_holders() -> dict[tuple[int, int], set[int]]:
-    """{(dev, inode) of a shared-memory object: PIDs mapping it or holding it by fd}, over
-    every process. Maps are read as text (device and inode are columns of it), so no
-    mapping is stat-ed; only memfd fds are."""
+def _hidden_holders() -> dict[tuple[int, int], set[int]]:
+    """{(dev, inode) of an object no path reaches: PIDs mapping it or holding it by fd}, over
+    every process. Shared memory is read from the maps' text (device and inode are columns
+    of it); only unlinked files and memfds are stat-ed (a btrfs file's device differs there)."""
     out: dict[tuple[int, int], set[int]] = {}
     for pid in all_pids():
         try:
@@ -151,16 +153,22 @@ def _shmem_holders() -> dict[tuple[int, int], set[int]]:
             fds = os.listdir(f"/proc/{pid}/fd")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        links = [f"/proc/{pid}/fd/{n}" for n in fds]
         for line in lines:
             parts = line.split(None, 5)
-            if len(parts) == 6 and _is_shmem(parts[5]):
+            if len(parts) < 6:
+                continue
+            if _is_shmem(parts[5]):
                 major, _, minor = parts[3].partition(":")
                 dev = os.makedev(int(major, 16), int(minor, 16))
                 out.setdefault((dev, int(parts[4])), set()).add(pid)
-        for n in fds:
+            elif parts[5].endswith(DELETED):
+                links.append(f"/proc/{pid}/map_files/{parts[0]}")
+        for link in links:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{n}").startswith("/memfd:"):
-                    st = os.stat(f"/proc/{pid}/fd/{n}")
+                target = os.readlink(link)
+                if target.startswith("/memfd:") or target.endswith(DELETED):
+                    st = os.stat(link)
                     out.setdefault((st.st_dev, st.st_ino), set()).add(pid)
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
@@ -227,10 +235,13 @@ def _scan_fds(t: Task, devs: set[int], tree: set[int], holders: Holders,
                 r.leaks.append(Leak("devices", t.pid, f"fd {n} {target}"))
         elif stat.S_ISREG(st.st_mode) and st.st_dev not in devs:
             mode = flags & os.O_ACCMODE
-            if target.startswith("/memfd:"):
-                _shared_memory(t.pid, f"fd {n} {target}", (st.st_dev, st.st_ino), tree,
-                               holders, r)
-            elif mode == os.O_RDONLY and st.st_nlink > 0:
+            if _is_shmem(target):  # a memfd, or shared memory reopened via map_files
+                _hidden("shared-memory", t.pid, f"fd {n} {target}", (st.st_dev, st.st_ino),
+                        tree, holders, r)
+            elif st.st_nlink == 0:  # no name reaches it: CRIU copies it (a ghost file)
+                _hidden("external-files", t.pid, f"fd {n} {target}", (st.st_dev, st.st_ino),
+                        tree, holders, r)
+            elif mode == os.O_RDONLY:
                 if _verifiable(target):
                     r.unchanged.append(Unchanged(target, st.st_size, st.st_mtime_ns))
             elif mode == os.O_WRONLY and flags & os.O_APPEND:
@@ -247,14 +258,15 @@ def _verifiable(path: str) -> bool:
     return path.startswith("/") and not path.startswith(("/proc/", "/sys/"))
 
 
-def _shared_memory(pid: int, what: str, obj: tuple[int, int], tree: set[int],
-                   holders: Holders, r: Report) -> None:
-    """Shared anonymous memory or a memfd: CRIU dumps it with the tree, so it is a leak only
-    when a process outside the tree maps or holds the same object (it would go on writing to
-    memory the restored tree no longer shares)."""
-    outside = sorted(holders.of_shmem(*obj) - tree)
+def _hidden(kind: str, pid: int, what: str, obj: tuple[int, int], tree: set[int],
+            holders: Holders, r: Report) -> None:
+    """Shared anonymous memory, a memfd, or a file unlinked outside the volumes: no path
+    reaches it, and CRIU dumps it with the tree (an unlinked file as a ghost file, up to its
+    --ghost-limit). A leak only when a process outside the tree maps or holds the same
+    object: it would go on sharing what the restored tree no longer does."""
+    outside = sorted(holders.of_hidden(*obj) - tree)
     if outside:
-        r.leaks.append(Leak("shared-memory", pid, what,
+        r.leaks.append(Leak(kind, pid, what,
                             "also mapped or held by " + ", ".join(map(_comm, outside))))
 
 
@@ -274,6 +286,8 @@ def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Rep
         if obj in seen:
             continue
         seen.add(obj)
+        if path.startswith("/[aio]"):
+            continue  # an AIO ring: the task's own, dumped by CRIU with its context
         if path.startswith("/SYSV"):
             if shared_ipc:
                 r.leaks.append(Leak("shm", t.pid, f"SysV shared memory {path.split()[0]}",
@@ -281,7 +295,7 @@ def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Rep
                                     "outside the tree"))
             continue  # in the tree's own IPC namespace: CRIU dumps it with the namespace
         if _is_shmem(path):
-            _shared_memory(t.pid, f"mapping {path}", obj, tree, holders, r)
+            _hidden("shared-memory", t.pid, f"mapping {path}", obj, tree, holders, r)
             continue
         try:  # maps shows a btrfs file's filesystem device, stat its subvolume's
             st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
@@ -292,6 +306,9 @@ def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Rep
         if not stat.S_ISREG(st.st_mode):
             if path not in HARMLESS_DEVICES:
                 r.leaks.append(Leak("devices", t.pid, f"mapping {path}"))
+        elif st.st_nlink == 0:
+            _hidden("external-files", t.pid, f"mapping {path}", (st.st_dev, st.st_ino), tree,
+                    holders, r)
         elif "w" in perms and perms.endswith("s"):
             r.leaks.append(Leak("external-files", t.pid, f"mapping {path}",
                                 "shared and writable outside the volumes"))

@@ -34,6 +34,14 @@ CASES = [
          "with the --skip-in-flight option.",
          "(00.057554) Error (criu/cr-dump.c:1975): Dumping FAILED."],
         "In-flight connection", "--skip-in-flight"),
+    (  # a restore log (warning level: no timestamps; a task's lines start with its PID)
+        ["Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation "
+         "not permitted",
+         " 14782: Error (criu/fsnotify.c:510): fsnotify: Unable to open (null): No such file "
+         "or directory",
+         " 14782: Error (criu/files.c:1221): Unable to open fd=4 id=0x8",
+         "Error (criu/cr-restore.c:2331): Restoring FAILED."],
+        "fsnotify: Unable to open", "inotify"),
     (  # only CRIU's closing line: quoted rather than nothing
         [NOISE, "(00.057554) Error (criu/cr-dump.c:1975): Dumping FAILED."],
         "Dumping FAILED", None),

@@ -77,6 +77,22 @@ def test_a_file_open_on_a_tmpfs_outside_the_volume(btrfs_volume, workloads, stor
     assert "allowed leak         external-files" in fscr("show", m["id"], store=store).stdout
 
 
+def test_an_unlinked_file_outside_the_volumes_goes_with_the_tree(btrfs_volume, workloads,
+                                                                  store, tmpfs):
+    """No name reaches it: CRIU copies it into the image (a ghost file), so it is the tree's
+    own, written or not."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("hold", str(vol), "tmpfile", str(tmpfs))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    assert m["leaks"] == []
+    wait_for(lambda: not alive(pid))
+    r = restore(store, m["id"])
+    fd = next(n for n in os.listdir(f"/proc/{r['pid']}/fd")
+              if os.readlink(f"/proc/{r['pid']}/fd/{n}").startswith(f"{tmpfs}/#"))
+    assert open(f"/proc/{r['pid']}/fd/{fd}", "rb").read() == b"only the tree has this"
+
+
 def test_a_pipe_to_an_outside_process(btrfs_volume, workloads, store, outsider):
     vol = btrfs_volume.path
     other, fd = outsider("import os, time; r, w = os.pipe(); print(w, flush=True); "

@@ -18,7 +18,9 @@ _NOISE = re.compile(r"rlimit: Can't setup RLIMIT_NOFILE for self")
 # What CRIU says after the cause, whatever it was.
 _SUMMARY = re.compile(r"Dumping FAILED|Restoring FAILED|failed with -?\d+\.?$|"
                       r"Pre-dumping FAILED|Unable to restore tasks")
-_ERROR = re.compile(r"^\([0-9.]+\) (?:pie: \d+: )?(Error \(.*)$")
+# "(00.051002) Error (file:line): ..." at info level and above; restore logs at warning level
+# carry no timestamp, and a restored task's lines start with its PID (" 14782: Error ...").
+_ERROR = re.compile(r"^(?:\([0-9.]+\) )?(?:pie: )?(?:\d+: )?(Error \(.*)$")
 
 HINTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"Can't get rlimit \d+: Operation not permitted"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import backends, failures, locks, preflight, relink, snapshot
 from ..backends import DumpRequest
 from ..errors import CriuFailed, FreezeTimeout, Refused
-from ..fsutil import syncfs
+from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
     SCHEMA_VERSION,
@@ -30,7 +30,7 @@ from ..manifest import (
 )
 from ..names import check_id, relink_name
 from ..process import netns
-from ..process.files import OpenFile, open_files
+from ..process.files import OpenFile, open_files, watched
 from ..process.freezer import Cgroup
 from ..process.mountns import shares_mine
 from ..process.target import Target, isolate, put_back, resolve
@@ -271,13 +271,22 @@ class _Checkpoint:
             raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
 
     def unlinked_files(self, tasks: list[Task]) -> dict[str, OpenFile]:
-        """Unlinked-but-open files on the volumes, one per inode (CRIU's external key)."""
+        """Unlinked-but-open files on the volumes, one per inode (CRIU's external key), to
+        relink. Not one an inotify or fanotify watch is on, with no link left: CRIU copies
+        that one into the image (a ghost file) and puts the watch back on its copy; on
+        fscr's relinked copy, CRIU would look for the watched inode by its file handle, in
+        the subvolume the restore swapped out."""
         devs = {os.stat(v).st_dev for v in self.volumes}
+        watches = set().union(*(watched(t.pid) for t in tasks))
+        sb = {m.id: m.dev for m in mount_table()} if watches else {}
         unlinked: dict[str, OpenFile] = {}
         for task in tasks:
             for f in open_files(task.pid):
-                if f.deleted and f.dev in devs:
-                    unlinked.setdefault(f.external_key, f)
+                if not f.deleted or f.dev not in devs:
+                    continue
+                if f.nlink == 0 and (*sb.get(f.mnt_id, (-1, -1)), f.ino) in watches:
+                    continue
+                unlinked.setdefault(f.external_key, f)
         if unlinked and self.provider.name == "none":
             raise Refused(
                 f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "

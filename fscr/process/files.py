@@ -142,3 +142,24 @@ def holders(devs: set[int], exclude: set[int]) -> list[int]:
     """PIDs outside `exclude` that hold a file, cwd, root or mapping on one of `devs`."""
     me = os.getpid()
     return [p for p in all_pids() if p not in exclude and p != me and _uses_dev(p, devs)]
+
+
+def watched(pid: int) -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every inode that an inotify or fanotify fd of `pid` watches,
+    from fdinfo (`sdev` is the superblock's device, in the kernel's encoding)."""
+    out: set[tuple[int, int, int]] = set()
+    for n in _listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}") not in ("anon_inode:inotify",
+                                                           "anon_inode:[fanotify]"):
+                continue
+            lines = Path(f"/proc/{pid}/fdinfo/{n}").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for line in lines:
+            if not line.startswith(("inotify ", "fanotify ")) or " sdev:" not in line:
+                continue
+            fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+            sdev = int(fields["sdev"], 16)
+            out.add((sdev >> 20, sdev & 0xFFFFF, int(fields["ino"], 16)))
+    return out

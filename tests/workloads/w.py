@@ -35,7 +35,8 @@ hold DIR WHAT ARG     holds something outside the tree, then counts into DIR/his
                       file PATH (open read-write), wronly PATH (open write-only: a fifo or
                       a pipe through /proc/PID/fd/N), unix-stream PATH or unix-dgram PATH
                       (connected to a server there), shm KEY (SysV segment attached),
-                      memfd PATH (a memfd reached through /proc/PID/fd/N, mapped shared)
+                      memfd PATH (a memfd reached through /proc/PID/fd/N, mapped shared),
+                      tmpfile DIR (an O_TMPFILE file in DIR, written, held read-write)
 shared DIR            a parent and a child sharing anonymous memory and a memfd: the child
                       counts in both, the parent reports what it sees to DIR/shared.json on
                       request (the counts go on rising only while the memory is shared)
@@ -357,6 +358,10 @@ def hold(d, what, arg):
         shmid = libc.shmget(int(arg, 0), 4096, 0o600)
         assert shmid >= 0, ctypes.get_errno()
         keep.append(libc.shmat(shmid, None, 0))
+    elif what == "tmpfile":
+        fd = os.open(arg, os.O_TMPFILE | os.O_RDWR, 0o600)  # unlinked from birth
+        os.write(fd, b"only the tree has this")
+        keep.append(fd)
     elif what == "memfd":
         import mmap
 
