@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import failures, locks, pipeline, relink, snapshot
+from . import failures, locks, origins, pipeline, relink, snapshot
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
@@ -86,8 +86,9 @@ def _draft(store: Store, run: Run) -> Manifest | None:
 
 def _commit_draft(store: Store, m: Manifest) -> None:
     images = store.image_records(m.id)
-    store.commit(m.model_copy(update={"images": images,
-                                      "image_bytes": sum(i.size for i in images)}))
+    m = m.model_copy(update={"images": images, "image_bytes": sum(i.size for i in images)})
+    origins.made_here(store.root, m)
+    store.commit(m)
 
 
 def plan_checkpoint(store: Store, run: Run) -> Plan:
@@ -100,7 +101,7 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
                  "image is all that is left of it", lambda: _commit_draft(store, draft))
         return plan
     if draft is not None and draft.netlock is not None:
-        plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(draft))
+        plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(store, draft))
     if not store.committed(run.id):
         provider = _provider(run)
         made = [provider.find(Path(e["volume"]), run.id, e["n"]) for e in run.events("snapshot")]
@@ -169,6 +170,18 @@ def plan_beside(store: Store, run: Run) -> Plan:
     return plan
 
 
+def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
+    """The cgroup the dead restore put the tree in, as it journaled it (fscr 0.1 journaled
+    none: the manifest's, then)."""
+    try:
+        return origins.CgroupOf.model_validate(run.begin["cgroup"], strict=True)
+    except (KeyError, ValueError):
+        if m is None:
+            return None
+        return origins.CgroupOf(kind=m.cgroup.kind, path=m.cgroup.path,
+                                original=m.cgroup.original)
+
+
 def plan_restore(store: Store, run: Run) -> Plan:
     if run.begin.get("beside"):
         return plan_beside(store, run)
@@ -179,12 +192,14 @@ def plan_restore(store: Store, run: Run) -> Plan:
         m = None  # deleted since: only the swaps can be undone
     provider = _provider(run)
     swaps = run.events("swap")
-    root = _restored_root(store, run, m.cgroup.path) if m else None
-    if root is not None and m is not None:
+    cgroup = _restored_cgroup(run, m)
+    root = _restored_root(store, run, cgroup.path) if m and cgroup else None
+    if root is not None and m is not None and cgroup is not None:
         rescues = [e["rescue"] for e in swaps]
         name = swaps[0]["name"] if swaps else ""
         plan.add(f"finish the restore of PID {root}: unlink relinks, seal and list rescue "
-                 "snapshots", lambda: finish_restore(store, m, provider, root, name, rescues))
+                 "snapshots",
+                 lambda: finish_restore(store, m, provider, root, name, rescues, cgroup))
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan

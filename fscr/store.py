@@ -6,7 +6,7 @@
 <store>/checkpoints/<id>/criu-*.log           CRIU's logs
 <store>/journal/                              one journal per unfinished run (journal.py)
 <store>/rescues/<name>.json                   the paths of a rescue snapshot made by restore
-<store>/lineages/<pid>_<start>.json           the tasks restores brought back, per workload
+<store>/lineages/, <store>/origins/            what this host recorded (origins.py)
 A checkpoint is listed only once its digest file exists.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import origins
 from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
 from .fsutil import sha256_files, write_atomic
 from .manifest import ImageFile, Manifest, digest
@@ -143,38 +143,7 @@ class Store:
         d = self.dir(ckpt_id)
         (d / "manifest.json.sha256").unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
-
-    # A workload's lineage is the (PID, start time) of the root first checkpointed. Restored
-    # tasks get the checkpoint's PIDs but new start times; each restore records them under
-    # the lineage, so a later --replace, from any checkpoint of that workload, finds its tree.
-
-    def _lineage_file(self, lineage: tuple[int, int]) -> Path:
-        return self.root / "lineages" / f"{lineage[0]}_{lineage[1]}.json"
-
-    def incarnations(self, lineage: tuple[int, int]) -> list[tuple[int, int]]:
-        try:
-            data = json.loads(self._lineage_file(lineage).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return []
-        if not isinstance(data, list):
-            return []
-        return [(x[0], x[1]) for x in data if isinstance(x, list) and len(x) == 2
-                and all(isinstance(v, int) for v in x)]
-
-    def record_incarnation(self, lineage: tuple[int, int], tasks: list[tuple[int, int]],
-                           alive: Callable[[tuple[int, int]], bool]) -> None:
-        """Add a restored tree's tasks to its lineage; tasks no longer alive are dropped."""
-        keep = [t for t in self.incarnations(lineage) if alive(t)]
-        data = json.dumps(sorted(set(keep + tasks))).encode()
-        write_atomic(self._lineage_file(lineage), data)
-
-    def lineage_of(self, task: tuple[int, int]) -> tuple[int, int]:
-        for f in (self.root / "lineages").glob("*_*.json"):
-            pid, _, start = f.stem.partition("_")
-            lineage = (int(pid), int(start))
-            if task in self.incarnations(lineage):
-                return lineage
-        return task
+        origins.forget(self.root, ckpt_id)
 
     def add_rescue(self, name: str, paths: list[str], kind: str) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed; `kind`

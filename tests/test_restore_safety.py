@@ -53,6 +53,60 @@ def test_a_manifest_naming_a_foreign_cgroup_is_refused(btrfs_volume, workloads, 
     assert out.returncode == 9 and "cgroup" in out.stderr
 
 
+def stat_of(pid: int) -> dict:
+    st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"pid": pid, "starttime": int(st[19])}
+
+
+def test_a_manifest_naming_an_outside_process_never_gets_it_killed(btrfs_volume, workloads,
+                                                                   store, tmp_path):
+    """A manifest names, it does not authorise: its tasks and cgroup pointed at a process
+    outside the checkpoint (its PID and start time, readable by anyone) and the root cgroup;
+    --replace kills only what this host recorded of the checkpoint."""
+    vol = btrfs_volume.path
+    canary, _ = workloads.run("sleep", "1000")
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+
+    def point_at_canary(x: dict) -> None:
+        x["root"] = x["lineage"] = stat_of(canary)
+        x["tasks"] = [stat_of(canary)]
+        x["cgroup"] = {"kind": x["cgroup"]["kind"], "path": "/", "original": "/"}
+
+    tamper(store, m["id"], point_at_canary)
+    out = fscr("restore", m["id"], "--replace", store=store, check=False)
+    assert out.returncode == 10 and f"PIDs [{canary}]" in out.stderr, out.stderr
+    assert alive(canary) and alive(pid)
+    # Without this host's record of the checkpoint (a copied store), nothing is killed.
+    (store / "origins" / f"{m['id']}.json").unlink()
+    out = fscr("restore", m["id"], "--replace", store=store, check=False)
+    assert out.returncode == 10 and alive(canary) and alive(pid)
+
+
+def test_a_checkpoint_not_made_here_restores_into_a_cgroup_of_fscr(btrfs_volume, workloads,
+                                                                    store):
+    """One this host has no record of lands in fscr's own group, whatever cgroup its manifest
+    names: here one that would hold fscr itself."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    wait_for(lambda: not alive(pid))
+    mine = freezer.cgroup_of(os.getpid()).rel
+    tamper(store, m["id"], lambda x: x["cgroup"].update(path=mine, original=mine))
+    (store / "origins" / f"{m['id']}.json").unlink()
+    r = restore(store, m["id"])
+    here = freezer.cgroup_of(r["pid"])
+    workloads.cgroups.append(here.rel)
+    assert here.rel == f"/fscr/restored_{m['id']}"
+    # Now this host has restored it, and a --replace of it kills what it restored (the
+    # same PID comes back: CRIU restores it, to a process with a new start time).
+    before = stat_of(r["pid"])
+    again = restore(store, m["id"], "--replace")
+    assert again["pid"] == r["pid"] and stat_of(again["pid"]) != before
+
+
 def test_a_missing_relink_is_found_before_the_running_tree_is_killed(btrfs_volume, workloads,
                                                                      store):
     vol = btrfs_volume.path

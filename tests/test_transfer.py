@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FSCR, alive, fscr, lines, wait_for
+from conftest import FSCR, alive, fscr, lines, take_pid, wait_for
 from test_pipeline import checkpoint, grows, restore
+
+from fscr.process import freezer
 
 
 def send(store: Path, ckpt: str, dest: Path, *args: str) -> int:
@@ -54,6 +56,35 @@ def test_a_checkpoint_restores_on_another_machine(btrfs_volume, workloads, store
     got = grows(vol / "history", len(at) + 5)
     assert got == list(range(1, len(got) + 1)) and got[: len(at)] == at
     assert alive(r["pid"])
+
+
+def test_a_received_checkpoint_kills_nothing_on_its_first_restore(btrfs_volume, workloads,
+                                                                   store, tmp_path):
+    vol = btrfs_volume.path
+    pid, name = workloads.start("counter", str(vol))
+    grows(vol / "history", 5)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    stream = tmp_path / "stream"
+    send(store, m["id"], stream)
+    wait_for(lambda: not alive(pid))
+    btrfs_volume.recreate()
+    there = tmp_path / "store2"
+    receive(there, stream)
+
+    squatter = take_pid(pid)  # a process of "this machine" that has the root's PID
+    try:
+        out = fscr("restore", m["id"], "--replace", store=there, check=False)
+        assert out.returncode == 10 and alive(squatter.pid)  # nothing here is its tree
+    finally:
+        squatter.kill()
+        squatter.wait()
+    r = restore(there, m["id"])
+    # Its own cgroup under fscr's group was free here: it lands there, as at home.
+    assert freezer.cgroup_of(r["pid"]).rel == f"/fscr/{name}"
+    # Restored here, it is this host's now: --replace kills what that restore brought back.
+    again = restore(there, m["id"], "--replace")
+    assert again["pid"] == pid and alive(pid)
+    grows(vol / "history", len(lines(vol / "history")) + 3)
 
 
 def test_an_incremental_stream_carries_only_the_changes(btrfs_volume, workloads, store,

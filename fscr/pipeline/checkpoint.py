@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, failures, locks, preflight, relink, snapshot
+from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
 from ..errors import CriuFailed, FreezeTimeout, Refused
 from ..fsutil import mount_table, syncfs
@@ -323,13 +323,14 @@ class _Checkpoint:
         self.t.seconds["freeze_window"] = round(window, 6)
         m = self.manifest(window)
         self.journal.note("commit")
+        origins.made_here(self.store.root, m)
         self.store.commit(m)
         self.committed = True
         return m
 
     def manifest(self, window: float) -> Manifest:
         tasks, cg = self.tasks, self.cg
-        lineage = self.store.lineage_of((self.root, tasks[0].starttime))
+        lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
         images = self.store.image_records(self.id)
         p = self.placement
         return Manifest(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, copies, failures, locks, preflight, relink, snapshot
+from .. import backends, copies, failures, locks, origins, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..backends.criu_log import table_of as criu_table
@@ -32,6 +32,7 @@ from ..process.files import holders
 from ..process.target import put_back
 from ..process.tree import Task, descendants, read_stat
 from ..store import Store
+from . import trust
 from .common import (
     Progress,
     Timings,
@@ -95,19 +96,19 @@ class _Restore:
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
                                      volumes=[v.path for v in self.m.volumes],
                                      snapshot=self.m.snapshot, volumes_only=volumes_only,
-                                     rollback=self.rollback)
+                                     rollback=self.rollback, cgroup=self.cgroup.model_dump())
         swapped: list[Swap] = []
         pid = None
         try:
             if processes:
                 with self.t.stage("make room"):
                     self.make_room(live)
-                freezer.ensure(self.m.cgroup.path)  # restored tasks land there: thawed
+                freezer.ensure(self.cgroup.path)  # restored tasks land there: thawed
             with self.t.stage("swap"):
                 self.swap_in(rescue, swapped)
             if processes:
                 with self.t.stage("restore"):
-                    pid = self.restore_processes()
+                    pid = self.restore_processes(cgroup=(self.cgroup.kind, self.cgroup.path))
         except BaseException as e:
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
@@ -125,7 +126,7 @@ class _Restore:
         # gc completes these steps.
         with self.t.stage("finish"):
             kept = finish_restore(self.store, self.m, self.provider, pid, rescue,
-                                  [sw.rescue for sw in swapped])
+                                  [sw.rescue for sw in swapped], self.cgroup)
         self.journal.close()
         return RestoreResult(self.m.id, pid, kept, self.t.seconds)
 
@@ -173,7 +174,7 @@ class _Restore:
             if snap is not None and Path(snap).is_dir() and not relink.present(Path(snap), r.name):
                 raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
                                   f"from snapshot {snap}")
-        self.netns = netns.resolve(placement(m)) if processes else None
+        self.netns = netns.resolve(trust.placement(self.store.root, m)) if processes else None
         differ = preflight.changed(m.unchanged) if processes else []
         if differ:
             raise Refused(f"{differ[0]} changed since checkpoint {m.id} (the tree had it open "
@@ -183,6 +184,7 @@ class _Restore:
         """Nothing is in the way: the tree does not run (or may be killed), its PIDs are free,
         no outside process holds the volumes. Returns the live tree."""
         m = self.m
+        self.cgroup = trust.cgroup_for(self.store.root, m)
         live = self.live_tree()
         if processes and live and not replace:
             pids = ", ".join(str(x.pid) for x in live)
@@ -204,14 +206,12 @@ class _Restore:
         return live
 
     def live_tree(self) -> list[Task]:
-        """The checkpoint's tree if it runs: its tasks or those a restore brought back (the
-        lineage), each checked to be in the checkpoint's cgroup before --replace may kill it."""
+        """The checkpoint's tree if it runs: the tasks this host recorded for it (those it
+        dumped, those restores brought back), each checked to be in its recorded cgroup
+        before --replace may kill it. None for a checkpoint this host did not make."""
         m = self.m
-        known = [Task(x.pid, x.starttime) for x in m.tasks]
-        known += [Task(p, s) for p, s in self.store.incarnations(
-            (m.lineage.pid, m.lineage.starttime))]
+        known, allowed = trust.killable(self.store.root, m)
         live = list(dict.fromkeys(t for t in known if t.alive()))
-        allowed = {m.cgroup.path, m.cgroup.original}
         for t in live:
             try:
                 where = freezer.cgroup_of(t.pid).rel
@@ -219,7 +219,8 @@ class _Restore:
                 continue
             if where not in allowed:
                 raise Refused(f"PID {t.pid} matches checkpoint {m.id} but lives in cgroup "
-                              f"{where}, not {m.cgroup.original}; refusing to touch it")
+                              f"{where}, not {' or '.join(sorted(allowed))}; refusing to "
+                              "touch it")
         return live
 
     def make_room(self, live: list[Task]) -> None:
@@ -290,19 +291,13 @@ class Swap:
     copy: str | None = None  # what swap_in made, once it has (the journal's "copy")
 
 
-def placement(m: Manifest) -> netns.Placement:
-    h = m.netns.holder
-    return netns.Placement(m.netns.treatment, m.netns.inode, m.netns.path,
-                           Task(h.pid, h.starttime) if h else None)
-
-
-def drop_netlock(m: Manifest) -> list[str]:
+def drop_netlock(store: Store, m: Manifest) -> list[str]:
     """Remove the network lock a --tcp established checkpoint left (it keeps the peers of its
     connections waiting); gone with the namespace, or after a restore, it is already away."""
     if m.netlock is None:
         return []
     try:
-        path = netns.resolve(placement(m))
+        path = netns.resolve(trust.placement(store.root, m))
     except FscrError:
         return []  # the namespace, and its lock with it, is gone
     table = criu_table(m.netlock)
@@ -310,18 +305,24 @@ def drop_netlock(m: Manifest) -> list[str]:
 
 
 def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
-                   name: str, rescues: list[str]) -> list[str]:
-    """The restored tree runs: remember it (lineage), unlink the relinks (the tasks see those
-    files unlinked again), seal and record the rescue snapshots, and move the tree back to
-    its own cgroup if fscr moved it for the checkpoint. Idempotent: gc reruns it."""
+                   name: str, rescues: list[str], cgroup: origins.CgroupOf) -> list[str]:
+    """The restored tree runs: remember it (this host's records: a checkpoint it did not make
+    gets one now, its lineage starting here), unlink the relinks (the tasks see those files
+    unlinked again), seal and record the rescue snapshots, and move the tree back to its own
+    cgroup if fscr moved it for the checkpoint. Idempotent: gc reruns it."""
     if pid is not None:
         try:
             tasks = descendants(pid)
         except FscrError:
             tasks = []  # the restored tree exited already
-        store.record_incarnation((m.lineage.pid, m.lineage.starttime),
-                                 [(t.pid, t.starttime) for t in tasks],
-                                 lambda t: Task(*t).alive())
+        rec = origins.of(store.root, m.id)
+        if rec is None and tasks:
+            origins.record(store.root, m.id, (tasks[0].pid, tasks[0].starttime), cgroup, [])
+            rec = origins.of(store.root, m.id)
+        if rec is not None:
+            origins.record_incarnation(store.root, rec.lineage,
+                                       [(t.pid, t.starttime) for t in tasks],
+                                       lambda t: Task(*t).alive())
     for v in m.volumes:
         relink.remove_relinks(Path(v.path), m.id)
     rescues = [r for r in rescues if provider.exists(r)]
@@ -329,9 +330,9 @@ def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: 
         provider.seal(r)
     if rescues:
         store.add_rescue(name, rescues, provider.name)
-    if pid is not None and m.cgroup.original != m.cgroup.path:
-        own = freezer.at(m.cgroup.path)
-        put_back({p: m.cgroup.original for p in (own.procs() if own.exists() else [])}, own)
+    if pid is not None and cgroup.original != cgroup.path:
+        own = freezer.at(cgroup.path)
+        put_back({p: cgroup.original for p in (own.procs() if own.exists() else [])}, own)
     return rescues
 
 
@@ -364,7 +365,7 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     m = store.load(name)
     provider = snapshot.get(m.snapshot)
     with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
-        removed = drop_netlock(m)
+        removed = drop_netlock(store, m)
         for v in m.volumes:
             if v.snapshot is not None:
                 provider.delete(v.snapshot)
