@@ -14,8 +14,10 @@ from .cli import emit, err, json_opt, notice_unfinished, store_opt
 
 @click.command()
 @click.argument("job_file")
+@click.option("--move-to", "move_to", default=None, metavar="HOST",
+              help="Move the workload to the job's ssh destination HOST and restore it there.")
 @json_opt
-def backup(job_file: str, as_json: bool) -> None:
+def backup(job_file: str, move_to: str | None, as_json: bool) -> None:
     """One backup run of a job: checkpoint (leave running), copy it to the job's
     destinations, then prune by its policy."""
     from . import backup as backup_mod
@@ -23,6 +25,16 @@ def backup(job_file: str, as_json: bool) -> None:
     require_root()
     job = backup_mod.load(job_file)
     notice_unfinished(job.store)
+    if move_to is not None:
+        from . import migrate
+        m = migrate.move(job, move_to)
+        err.print(f"fscr backup {m.job}: move to {m.host}: {m.status} id={m.id or '-'} "
+                  f"duration={m.seconds:.3f}s" + (f" stopped={m.stopped:.3f}s" if m.stopped
+                                                  else "")
+                  + (f" error={m.error}" if m.error else ""), markup=False, highlight=False,
+                  soft_wrap=True)
+        emit(dataclasses.asdict(m), as_json, lambda: click.echo(m.id or m.status))
+        sys.exit(m.exit_code)
     r = backup_mod.run(job)
     # One log line per run, for cron mail and journald alike.
     window = f" freeze={r.freeze_window:.3f}s" if r.freeze_window is not None else ""

@@ -147,7 +147,7 @@ def _newest_common(job: str, store_dir: str | None, theirs: set[str], new: str) 
 
 # ------------------------------------------------------------------------------ ssh
 
-def _ssh_argv(d: SshDestination, *fscr_args: str) -> list[str]:
+def ssh_argv(d: SshDestination, *fscr_args: str) -> list[str]:
     # ssh hands the far side one command line for its shell: `fscr` is a shell fragment by
     # design (a path, or e.g. "sudo fscr"), every argument of ours is quoted.
     remote = " ".join([d.fscr, *(shlex.quote(a) for a in fscr_args)]
@@ -156,11 +156,11 @@ def _ssh_argv(d: SshDestination, *fscr_args: str) -> list[str]:
     return ["ssh", *config, "-o", "BatchMode=yes", d.host, remote]
 
 
-def _ssh(d: SshDestination, *fscr_args: str) -> str:
-    p = subprocess.run(_ssh_argv(d, *fscr_args), capture_output=True, text=True,
+def ssh_fscr(d: SshDestination, *fscr_args: str) -> str:
+    p = subprocess.run(ssh_argv(d, *fscr_args), capture_output=True, text=True,
                        stdin=subprocess.DEVNULL)
     if p.returncode != 0:
-        raise FscrError(f"{' '.join(fscr_args[:1])} on {d.host} failed: {_last(p.stderr)}")
+        raise FscrError(f"{' '.join(fscr_args[:1])} on {d.host} failed: {last_line(p.stderr)}")
     return p.stdout
 
 
@@ -176,7 +176,7 @@ def _finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     return out or b"", err or b""
 
 
-def _last(stderr: str | bytes) -> str:
+def last_line(stderr: str | bytes) -> str:
     if isinstance(stderr, bytes):
         stderr = stderr.decode(errors="replace")
     lines = [x.strip() for x in stderr.splitlines() if x.strip()]
@@ -187,7 +187,7 @@ def _last(stderr: str | bytes) -> str:
 def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
             r: DestinationReport) -> None:
     try:
-        listed = json.loads(_ssh(d, "list", "--json"))["checkpoints"]
+        listed = json.loads(ssh_fscr(d, "list", "--json"))["checkpoints"]
         theirs = {c["id"] for c in listed if c.get("job") == job}
     except (json.JSONDecodeError, KeyError, TypeError):
         raise FscrError(f"fscr list on {d.host} did not answer in JSON") from None
@@ -198,7 +198,7 @@ def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
         if r.parent:  # the far side holds it: until this send succeeds, it is the one to keep
             _remember(job, store_dir, d.label, r.parent)
         r.mode = "incremental" if r.parent else "full"
-        proc = subprocess.Popen(_ssh_argv(d, "receive", "--json"), stdin=subprocess.PIPE,
+        proc = subprocess.Popen(ssh_argv(d, "receive", "--json"), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             sent = transfer.send(ckpt_id, proc.stdin, parent=r.parent, store_dir=store_dir)
@@ -211,11 +211,11 @@ def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
             raise
         _, err = _finish(proc)
         if proc.returncode != 0:
-            raise FscrError(f"receive on {d.host} failed: {_last(err)}")
+            raise FscrError(f"receive on {d.host} failed: {last_line(err)}")
         r.status = "sent"
     _remember(job, store_dir, d.label, ckpt_id)
     if d.retention is not None and not d.retention.empty():
-        out = _ssh(d, "prune", "--job", job, *_policy_args(d.retention), "--json")
+        out = ssh_fscr(d, "prune", "--job", job, *_policy_args(d.retention), "--json")
         try:
             r.removed = json.loads(out)["remove"]
         except (json.JSONDecodeError, KeyError):
@@ -271,7 +271,7 @@ def _to_restic(d: ResticDestination, job: str, ckpt_id: str, job_policy: Policy,
         raise
     _, err = _finish(proc)
     if proc.returncode != 0:
-        raise FscrError(f"restic backup to {d.repository} failed: {_last(err)}")
+        raise FscrError(f"restic backup to {d.repository} failed: {last_line(err)}")
     r.status = "sent"
     _remember(job, store_dir, d.label, ckpt_id)
     policy = d.retention if d.retention is not None else job_policy
@@ -289,7 +289,7 @@ def _forget(restic: list[str], env: dict[str, str], job: str, policy: Policy) ->
                         "host", *args, "--prune"], capture_output=True, text=True, env=env,
                        stdin=subprocess.DEVNULL)
     if p.returncode != 0:
-        raise FscrError(f"restic forget failed: {_last(p.stderr)}")
+        raise FscrError(f"restic forget failed: {last_line(p.stderr)}")
     removed = []
     try:  # --json prints the forget result on its first line; prune's report follows
         for group in json.loads(p.stdout.splitlines()[0]) or []:
@@ -310,7 +310,7 @@ def restore_from_restic(ckpt_id: str, repository: str, password_file: str | None
     p = subprocess.run([*restic, "snapshots", "--json", "--tag", f"fscr-id={ckpt_id}"],
                        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
-        raise FscrError(f"restic snapshots failed: {_last(p.stderr)}")
+        raise FscrError(f"restic snapshots failed: {last_line(p.stderr)}")
     snaps = sorted(json.loads(p.stdout or "[]") or [], key=lambda s: s["time"])
     if not snaps:
         raise NoSuchCheckpoint(f"no restic snapshot in {repository} holds checkpoint {ckpt_id}")
@@ -328,5 +328,5 @@ def restore_from_restic(ckpt_id: str, repository: str, password_file: str | None
         raise
     _, err = _finish(proc)
     if proc.returncode != 0:  # the stream checked out whole, yet restic complains: say so
-        raise FscrError(f"restic dump failed after a complete stream: {_last(err)}")
+        raise FscrError(f"restic dump failed after a complete stream: {last_line(err)}")
     return got

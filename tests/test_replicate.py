@@ -69,7 +69,7 @@ class Far:
 
 
 @pytest.fixture
-def far(btrfs_volume, tmp_path: Path) -> Iterator[Far]:
+def far(btrfs_volume, workloads, tmp_path: Path) -> Iterator[Far]:
     d = tmp_path / "ssh"
     d.mkdir(mode=0o700)
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
@@ -108,6 +108,7 @@ def far(btrfs_volume, tmp_path: Path) -> Iterator[Far]:
         assert proc.poll() is None, proc.stderr.read().decode()
         yield f
     finally:
+        workloads.kill_all()  # a workload moved there keeps its namespace and mount alive
         if proc is not None:
             proc.kill()  # the sshd this test started; its namespace and mount go with it
             proc.wait()
@@ -310,3 +311,38 @@ def test_restore_from_restic_of_an_unknown_checkpoint_says_so(tmp_path, store):
     out = fscr("restore-from", "restic", "20260101T000000Z_abcd", "--repository", repo,
                "--password-file", str(pw), store=store, check=False)
     assert out.returncode == 6 and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_one_command_moves_the_workload_to_the_far_host(btrfs_volume, workloads, store,
+                                                        tmp_path, far):
+    vol = btrfs_volume.path
+    pid, name = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    job = job_file(tmp_path, store, vol, name, ssh_dest(far))
+    out = fscr("backup", str(job), "--move-to", "far", "--json")
+    r = json.loads(out.stdout)
+    assert r["status"] == "moved" and r["exit_code"] == 0, out.stderr
+    # A first pass while it ran, then only the changes while it was stopped.
+    assert [d["mode"] for d in r["destinations"]] == ["full", "incremental"]
+    # It runs there (the far host's mount namespace), with the PID it had here.
+    assert r["pid"] == pid
+    assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{far.pid}/ns/mnt")
+    at = lines(btrfs_volume.mnt / ".fscr-snapshots" / r["id"] / "0" / "history")
+
+    def there() -> list[int]:
+        out = subprocess.run(["nsenter", "-t", str(far.pid), "-m", "cat",
+                              str(vol / "history")], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split("\n")[:-1] if x]  # a torn last line dropped
+    got = wait_for(lambda: len(v := there()) > len(at) + 2 and v, 10, "the far counter")
+    assert got[: len(at)] == at and got == list(range(1, len(got) + 1))
+    assert lines(vol / "history") == at  # here it stopped at the checkpoint
+
+
+def test_move_to_a_host_that_is_not_a_destination_is_refused(btrfs_volume, workloads, store,
+                                                             tmp_path, far):
+    vol = btrfs_volume.path
+    pid, name = workloads.start("counter", str(vol))
+    job = job_file(tmp_path, store, vol, name, ssh_dest(far))
+    out = fscr("backup", str(job), "--move-to", "elsewhere", check=False)
+    assert out.returncode == 16 and "no ssh destination" in out.stderr
+    assert alive(pid) and local_ids(store) == []
