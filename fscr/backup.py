@@ -179,8 +179,9 @@ def prune(job: Job, dry_run: bool, now: datetime | None = None) -> retention.Dec
     """Remove the job's checkpoints (snapshots and images together) its policy no longer
     keeps; only checkpoints this job made are considered. The newest checkpoint each
     destination holds stays: it is the parent of that destination's next incremental."""
-    return prune_checkpoints(job.name, job.store, job.retention, dry_run, now,
-                             replicate.held(job.name, job.store))
+    labels = {d.label for d in job.destination}  # a destination removed from the job: no more
+    parents = {k: v for k, v in replicate.held(job.name, job.store).items() if k in labels}
+    return prune_checkpoints(job.name, job.store, job.retention, dry_run, now, parents)
 
 
 def prune_checkpoints(job: str, store_dir: str | None, policy: Policy, dry_run: bool,

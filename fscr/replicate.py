@@ -153,7 +153,10 @@ def ssh_argv(d: SshDestination, *fscr_args: str) -> list[str]:
     remote = " ".join([d.fscr, *(shlex.quote(a) for a in fscr_args)]
                       + (["--store", shlex.quote(d.store)] if d.store else []))
     config = ["-F", d.ssh_config] if d.ssh_config else []
-    return ["ssh", *config, "-o", "BatchMode=yes", d.host, remote]
+    # A job never prompts, and a host that stops answering fails the destination within a
+    # minute or so instead of hanging the run (the job's lock) forever.
+    return ["ssh", *config, "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o",
+            "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", d.host, remote]
 
 
 def ssh_fscr(d: SshDestination, *fscr_args: str) -> str:

@@ -346,3 +346,17 @@ def test_move_to_a_host_that_is_not_a_destination_is_refused(btrfs_volume, workl
     out = fscr("backup", str(job), "--move-to", "elsewhere", check=False)
     assert out.returncode == 16 and "no ssh destination" in out.stderr
     assert alive(pid) and local_ids(store) == []
+
+
+@pytest.mark.parametrize("entry, key", [
+    ('kind = "ftp"\nhost = "far"', "destination.0"),
+    ('kind = "ssh"', "destination.0.ssh.host"),
+    ('kind = "ssh"\nhost = "-oProxyCommand=x"', "destination.0.ssh.host"),
+    ('kind = "restic"\nrepository = "/r"\nretention = { keep_lots = 3 }',
+     "destination.0.restic.retention.keep_lots"),
+])
+def test_a_wrong_destination_names_the_key(entry, key, tmp_path, store):
+    job = job_file(tmp_path, store, tmp_path / "vol", "app", f"[[destination]]\n{entry}\n")
+    out = fscr("backup", str(job), check=False)
+    assert out.returncode == 16 and out.stderr.count("\n") == 1, out.stderr
+    assert f"key {key}" in out.stderr, out.stderr
