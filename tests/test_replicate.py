@@ -360,3 +360,22 @@ def test_a_wrong_destination_names_the_key(entry, key, tmp_path, store):
     out = fscr("backup", str(job), check=False)
     assert out.returncode == 16 and out.stderr.count("\n") == 1, out.stderr
     assert f"key {key}" in out.stderr, out.stderr
+
+
+def test_a_move_whose_far_restore_fails_leaves_the_workload_running_here(
+        btrfs_volume, workloads, store, tmp_path, far):
+    vol = btrfs_volume.path
+    pid, name = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    # The far side's fscr refuses every restore (as one would with its PIDs taken).
+    refusing = (f'f() {{ if [ "$1" = restore ]; then echo "fscr: error: refused here" >&2; '
+                f'return 15; fi; {FSCR} "$@"; }}; f')
+    job = job_file(tmp_path, store, vol, name, ssh_dest(far, refusing))
+    out = fscr("backup", str(job), "--move-to", "far", "--json", check=False)
+    r = json.loads(out.stdout)
+    assert out.returncode == 1 and r["status"] == "failed", out.stderr
+    assert "refused here" in r["error"] and "runs here again" in r["error"]
+    # Restored here from the checkpoint that was sent: same PID, this host's namespace.
+    assert alive(pid)
+    assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    grows(vol / "history", len(lines(vol / "history")) + 2)
