@@ -117,26 +117,33 @@ def replicate(dests: list[SshDestination | ResticDestination], job: str, ckpt_id
 
 # ------------------------------------------------------------------------------ state
 
+STATE_VERSION = 1
+
+
 def _state_file(store: Store, job: str) -> Path:
-    d = store.root / "replication"
-    d.mkdir(mode=0o700, exist_ok=True)
-    return d / f"{job}.json"
+    return store.root / "replication" / f"{job}.json"
 
 
 def held(job: str, store_dir: str | None) -> dict[str, str]:
-    """{destination label: the newest checkpoint of `job` it was last seen to hold}."""
+    """{destination label: the newest checkpoint of `job` it was last seen to hold}. A record
+    that is missing, unreadable or of another version protects nothing (it only protects)."""
     f = _state_file(Store.open(store_dir), job)
     try:
         data = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return {}
+    got = data.get("held")
+    return ({k: v for k, v in got.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(got, dict) else {})
 
 
 def _remember(job: str, store_dir: str | None, label: str, ckpt_id: str) -> None:
-    store = Store.open(store_dir)
-    data = held(job, store_dir) | {label: ckpt_id}
-    write_atomic(_state_file(store, job), json.dumps(data, sort_keys=True).encode())
+    f = _state_file(Store.open(store_dir), job)
+    f.parent.mkdir(mode=0o700, exist_ok=True)
+    data = {"version": STATE_VERSION, "held": held(job, store_dir) | {label: ckpt_id}}
+    write_atomic(f, json.dumps(data, sort_keys=True).encode())
 
 
 def _newest_common(job: str, store_dir: str | None, theirs: set[str], new: str) -> str | None:
