@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +80,13 @@ class Store:
         write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
         return dg
 
-    def image_records(self, ckpt_id: str) -> list[ImageFile]:
-        """Name, size and sha256 of every image file, for the manifest."""
+    def image_records(self, ckpt_id: str,
+                      advance: Callable[[int], None] | None = None) -> list[ImageFile]:
+        """Name, size and sha256 of every image file, for the manifest (`advance` hears of
+        the bytes hashed)."""
         paths = sorted(self.images(ckpt_id).iterdir())
         return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha)
-                for p, sha in zip(paths, sha256_files(paths), strict=True)]
+                for p, sha in zip(paths, sha256_files(paths, advance), strict=True)]
 
     def committed(self, ckpt_id: str) -> bool:
         return (self.dir(ckpt_id) / "manifest.json.sha256").exists()
@@ -108,9 +111,9 @@ class Store:
     def manifest_digest(self, ckpt_id: str) -> str:
         return (self.dir(ckpt_id) / "manifest.json.sha256").read_text().split()[0]
 
-    def verify_images(self, m: Manifest) -> None:
+    def verify_images(self, m: Manifest, advance: Callable[[int], None] | None = None) -> None:
         """Every image file the manifest lists is present with its size and sha256, and no
-        other file is there."""
+        other file is there (`advance` hears of the bytes hashed)."""
         images = self.images(m.id)
         present = {p.name for p in images.iterdir()} if images.is_dir() else set()
         listed = {i.name for i in m.images}
@@ -122,7 +125,7 @@ class Store:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is missing")
             if p.stat().st_size != img.size:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (size)")
-        digests = sha256_files([images / img.name for img in m.images])
+        digests = sha256_files([images / img.name for img in m.images], advance)
         for img, got in zip(m.images, digests, strict=True):
             if got != img.sha256:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")
