@@ -3,8 +3,9 @@ meters of bytes (done, rate, ETA where the total is known).
 
 Always on stderr, never on stdout (stdout is data: an id, JSON, or `send`'s stream). On a
 terminal it is drawn with rich (a live line that moves, then one line per finished stage); on
-anything else, plain timestamped lines a log keeps: a stage's start and end, a meter every
-few seconds and once at its end. `--quiet`, `--json` and FSCR_QUIET=1 turn it off.
+anything else, plain timestamped lines a log keeps: one per finished stage with its time, a
+stage's start too once it has run for STILL seconds (so a log shows what hangs), a meter
+every PLAIN_EVERY seconds and once at its end. `--quiet`, `--json` and FSCR_QUIET=1 turn it off.
 
 The library takes a `Progress` (a callable given stage names, pipeline.common); a Reporter
 is one, and `meter()`/`finished()` give the extras to a Reporter only, so library code never
@@ -29,6 +30,7 @@ Mode = Literal["rich", "plain", "off"]
 # Seconds between two plain lines of one meter: often enough to see it move in a log,
 # rarely enough that a 10-minute send is a screenful.
 PLAIN_EVERY = float(os.environ.get("FSCR_PROGRESS_EVERY", "5"))
+STILL = 2.0
 
 
 class Meter:
@@ -97,8 +99,11 @@ class Reporter:
         with self._lock:
             self._end_stage()
             if self.mode == "plain":
-                self._line(f"{stage}…")
-                self._stage = (stage, None)
+                t0 = datetime.now().astimezone()
+                timer = threading.Timer(STILL, self._line, [f"{stage}… (since {t0:%H:%M:%S})"])
+                timer.daemon = True
+                timer.start()
+                self._stage = (stage, timer)
             else:
                 self._stage = (stage, self._rich().add_task(stage, total=None, detail=""))
 
@@ -163,8 +168,11 @@ class Reporter:
                 self._line(m.text(final=True))
 
     def _end_stage(self) -> None:
-        if self._stage is not None and self._stage[1] is not None and self._live is not None:
-            self._live.remove_task(self._stage[1])
+        if self._stage is not None:
+            if isinstance(self._stage[1], threading.Timer):
+                self._stage[1].cancel()
+            elif self._live is not None:
+                self._live.remove_task(self._stage[1])
         self._stage = None
 
     def _line(self, text: str) -> None:

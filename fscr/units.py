@@ -23,9 +23,9 @@ def rate(n: float, seconds: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    """0.042 s, 12.3 s, 4:05, 1:02:03: precise when short, a clock when long."""
+    """42.0 ms, 12.3 s, 4:05, 1:02:03: precise when short, a clock when long."""
     if seconds < 60:
-        return f"{seconds:.3f} s" if seconds < 1 else f"{seconds:.1f} s"
+        return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.1f} s"
     s = int(seconds)
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02}:{rest % 60:02}" if h else f"{rest // 60}:{rest % 60:02}"
