@@ -4,6 +4,7 @@
 <store>/checkpoints/<id>/manifest.json.sha256 its digest; written last: the commit point
 <store>/checkpoints/<id>/images/              CRIU's image files
 <store>/checkpoints/<id>/criu-*.log           CRIU's logs
+<store>/checkpoints/<id>/received             present if `fscr receive` brought it here
 <store>/journal/                              one journal per unfinished run (journal.py)
 <store>/rescues/<name>.json                   the paths of a rescue snapshot made by restore
 <store>/lineages/, <store>/origins/            what this host recorded (origins.py)
@@ -87,6 +88,13 @@ class Store:
         paths = sorted(self.images(ckpt_id).iterdir())
         return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha)
                 for p, sha in zip(paths, sha256_files(paths, advance), strict=True)]
+
+    def mark_received(self, ckpt_id: str) -> None:
+        """Before commit: this checkpoint came by `fscr receive` (fscr list says so)."""
+        write_atomic(self.dir(ckpt_id) / "received", b"")
+
+    def was_received(self, ckpt_id: str) -> bool:
+        return (self.dir(ckpt_id) / "received").exists()
 
     def committed(self, ckpt_id: str) -> bool:
         return (self.dir(ckpt_id) / "manifest.json.sha256").exists()

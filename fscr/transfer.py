@@ -207,6 +207,7 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
                 store.verify_images(m, shown.advance)
         except BadManifest as e:
             raise BadStream(f"the stream is corrupt: {e}") from None
+        store.mark_received(m.id)
         store.commit(m)
     except BaseException:
         for p in made:
