@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import preflight
+from .completion import checkpoint_ids, workload_names
 from .errors import FscrError, MissingDependency, Refused
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--for", "for_id", default=None, metavar="ID",
+@click.option("--for", "for_id", default=None, metavar="ID", shell_complete=checkpoint_ids,
               help="Also check that this machine can restore checkpoint ID.")
 @store_opt
 @json_opt
@@ -177,7 +178,8 @@ def target_opts(f: Callable) -> Callable:
     for opt in reversed((
         click.option("--pid", type=int, default=None, help="Root of the tree."),
         click.option("--cgroup", default=None, help="Every task of this cgroup."),
-        click.option("--name", default=None, help="A workload started with fscr run --name."),
+        click.option("--name", default=None, shell_complete=workload_names,
+                     help="A workload started with fscr run --name."),
         click.option("--volume", "volumes", multiple=True, required=True,
                      help="A btrfs subvolume the tree uses (repeatable)."))):
         f = opt(f)
@@ -251,7 +253,7 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
 
 
 @cli.command()
-@click.argument("ckpt_id")
+@click.argument("ckpt_id", shell_complete=checkpoint_ids)
 @click.option("--replace", is_flag=True, help="Kill a still-running tree of this checkpoint.")
 @click.option("--force", is_flag=True,
               help="Swap the volumes even while other processes hold files on them.")
@@ -318,8 +320,9 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ckpt_id")
-@click.option("--parent", default=None, help="Send only the changes since this checkpoint.")
+@click.argument("ckpt_id", shell_complete=checkpoint_ids)
+@click.option("--parent", default=None, shell_complete=checkpoint_ids,
+              help="Send only the changes since this checkpoint.")
 @store_opt
 @quiet_opt
 def send(ckpt_id: str, parent: str | None, store: str | None, quiet: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .cli import emit, json_opt, notice_unfinished, store_opt, summary
+from .completion import checkpoint_ids, deletable
 
 
 @click.command("list")
@@ -103,7 +104,7 @@ def list_failed(store_root: Any, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("ckpt_id")
+@click.argument("ckpt_id", shell_complete=checkpoint_ids)
 @store_opt
 @json_opt
 def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
@@ -163,7 +164,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("ckpt_id")
+@click.argument("ckpt_id", shell_complete=deletable)
 @store_opt
 @json_opt
 def delete(ckpt_id: str, store: str | None, as_json: bool) -> None:
