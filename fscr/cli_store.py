@@ -28,13 +28,13 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
     from . import copies, listing
     from .snapshot import state_of
     manifests = st.list()
-    rows = [summary(m) | {"kind": listing.kind_of(st, m), "workload": listing.workload_name(m)}
+    rows = [summary(m) | {"type": listing.type_of(st, m), "workload": listing.workload_name(m)}
             for m in manifests]
     rescues = st.rescues()
     for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
         r["states"] = [state_of(r.get("kind", "btrfs"), p) for p in r["paths"]]
-        r["created"] = listing.made_at(r["name"])
-    beside = [c.model_dump() | {"pids": copies.running(c), "kind": "copy",
+        r["type"], r["created"] = "rescue", listing.made_at(r["name"])
+    beside = [c.model_dump() | {"pids": copies.running(c), "type": "copy",
                                 "created": listing.made_at(c.name)}
               for c in copies.listed(st.root)]
     excl = listing.exclusive_bytes(
@@ -48,9 +48,9 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
 
     def text() -> None:
         from .units import ago, size
-        table = [("ID", "KIND", "AGE", "IMAGES", "SNAPSHOT", "WORKLOAD", "VOLUMES")]
+        table = [("ID", "TYPE", "AGE", "IMAGES", "SNAPSHOT", "WORKLOAD", "VOLUMES")]
         for r in rows:
-            table.append((r["id"], r["kind"], ago(r["created"]), size(r["image_bytes"]),
+            table.append((r["id"], r["type"], ago(r["created"]), size(r["image_bytes"]),
                           size(r["exclusive_bytes"]), r["workload"] or "-",
                           ",".join(v["path"] for v in r["volumes"])))
         for r in rescues:
@@ -118,7 +118,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
                                   "cgroup": m.cgroup.model_dump()}
     from . import listing
     from .snapshot import state_of
-    data |= {"kind": listing.kind_of(st, m), "workload": listing.workload_name(m)}
+    data |= {"type": listing.type_of(st, m), "workload": listing.workload_name(m)}
     excl = listing.exclusive_bytes([v["snapshot"] for v in data["volumes"]
                                     if v["snapshot"] and m.snapshot == "btrfs"])
     for v in data["volumes"]:
@@ -131,7 +131,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
             "created": f"{data['created']} ({ago(data['created'])})",
             "image_bytes": f"{data['image_bytes']} ({size(data['image_bytes'])})",
             "workload": data["workload"] or "-"}
-        for key in ("id", "kind", "workload", "created", "hostname", "backend", "snapshot",
+        for key in ("id", "type", "workload", "created", "hostname", "backend", "snapshot",
                     "mode", "root_pid", "image_bytes", "manifest_sha256"):
             click.echo(f"{key:<20} {shown[key]}")
         for v in data["volumes"]:

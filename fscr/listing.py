@@ -1,4 +1,4 @@
-"""What `fscr list` and `fscr show` add for a reader: the kind of each entry, the workload's
+"""What `fscr list` and `fscr show` add for a reader: the type of each entry, the workload's
 name, and how much disk a snapshot holds on its own. Exact numbers for --json; cli_store
 renders them with fscr.units."""
 
@@ -26,7 +26,7 @@ def workload_name(m: Manifest) -> str | None:
     return found.group(1) if found else None
 
 
-def kind_of(store: Store, m: Manifest) -> str:
+def type_of(store: Store, m: Manifest) -> str:
     """"received" (by `fscr receive`) or "checkpoint" (made here)."""
     if store.was_received(m.id):
         return "received"
