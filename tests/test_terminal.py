@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from conftest import FSCR, PROGRESS_LINE, fscr, sh
 from test_pipeline import grows
@@ -63,6 +64,7 @@ def test_progress_goes_to_stderr_as_timestamped_lines_and_stdout_stays_data(
     assert p.returncode == 0 and re.search(r"fscr: sent: [0-9.]+ (KiB|MiB) in ", err), err
     assert stream.read_bytes().startswith(b"FSCR-STREAM 1\n")  # nothing but the stream
 
+    workloads.kill_all()  # "another machine": the volume goes
     btrfs_volume.recreate()
     got = receive(tmp_path / "store2", stream)  # --json: no progress
     assert got.stderr == "" and json.loads(got.stdout)["id"] == ckpt
@@ -179,7 +181,7 @@ def complete(words: str, shell: str = "bash", **env: str) -> list[str]:
                                                  "COMP_WORDS": words, "COMP_CWORD": str(cword)})
     if shell == "zsh":  # type, value, help: three lines per candidate
         return out.stdout.splitlines()[1::3]
-    return [line.split(",", 1)[1] for line in out.stdout.splitlines()]
+    return [line.split(",", 1)[1] for line in out.stdout.splitlines() if line]
 
 
 def test_tab_completes_checkpoint_ids_workload_names_and_job_files(btrfs_volume, workloads,
@@ -218,9 +220,11 @@ def test_man_page_lists_every_command_option_and_exit_code(tmp_path):
     for n, cmd in commands(cli):
         assert re.search(rf"^ +fscr {n}$", shown, re.M), n
         for p in cmd.params:
-            for opt in getattr(p, "opts", []):
-                if opt != "--help":
-                    assert opt in shown, (n, opt)
+            if isinstance(p, click.Argument):
+                assert p.make_metavar(click.Context(cmd)) in shown, (n, p.name)
+                continue
+            for opt in p.opts + p.secondary_opts:
+                assert opt in shown, (n, opt)
     codes = {cls.exit_code for cls in _subclasses(errors.FscrError)} | {0, 2, 20, 21}
     section = shown.split("EXIT STATUS", 1)[1].split("ENVIRONMENT", 1)[0]
     listed = {int(c) for c in re.findall(r"^ {7}(\d+) ", section, re.M)}
