@@ -127,14 +127,6 @@ class Reporter:
                 m._task = self._rich().add_task(what, total=total or None, detail="")
         return m
 
-    def say(self, text: str) -> None:
-        """One line of news (not a stage): a plain line, or printed above the live one."""
-        if self.mode == "plain":
-            self._line(text)
-        elif self.mode == "rich":
-            with self._lock:
-                self._rich().console.print(f"  {text}", highlight=False, markup=False)
-
     def close(self) -> None:
         with self._lock:
             self._end_stage()
