@@ -9,15 +9,16 @@ from pathlib import Path
 
 import click
 
-from .cli import emit, err, json_opt, notice_unfinished, store_opt
+from .cli import emit, err, json_opt, notice_unfinished, progress_printer, quiet_opt, store_opt
 
 
 @click.command()
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--move-to", "move_to", default=None, metavar="HOST",
               help="Move the workload to the job's ssh destination HOST and restore it there.")
 @json_opt
-def backup(job_file: str, move_to: str | None, as_json: bool) -> None:
+@quiet_opt
+def backup(job_file: str, move_to: str | None, as_json: bool, quiet: bool) -> None:
     """One backup run of a job: checkpoint (leave running), copy it to the job's
     destinations, then prune by its policy."""
     from . import backup as backup_mod
@@ -35,7 +36,8 @@ def backup(job_file: str, move_to: str | None, as_json: bool) -> None:
                   soft_wrap=True)
         emit(dataclasses.asdict(m), as_json, lambda: click.echo(m.id or m.status))
         sys.exit(m.exit_code)
-    r = backup_mod.run(job)
+    with progress_printer(as_json, quiet) as progress:
+        r = backup_mod.run(job, progress=progress)
     # One log line per run, for cron mail and journald alike.
     window = f" freeze={r.freeze_window:.3f}s" if r.freeze_window is not None else ""
     err.print(f"fscr backup {r.job}: {r.status} id={r.id or '-'} duration={r.seconds:.3f}s"
@@ -61,7 +63,7 @@ def _policy_opts(f):  # noqa: ANN001, ANN202 - a click decorator
 
 
 @click.command()
-@click.argument("job_file", required=False)
+@click.argument("job_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--dry-run", is_flag=True, help="Show what the policy keeps and why; remove nothing.")
 @click.option("--job", "job_name", default=None,
               help="Without JOB_FILE: prune this job's checkpoints by the policy given in "
@@ -103,7 +105,7 @@ def schedule() -> None:
 
 
 @schedule.command("install")
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--every", required=True, help="How often: 15m, 1h, 1d, ...")
 @click.option("--systemd/--cron", "systemd", default=None,
               help="Default: a systemd timer where systemd runs, else a cron.d file.")
@@ -126,7 +128,7 @@ def schedule_install(job_file: str, every: str, systemd: bool | None, dest: str 
 
 
 @schedule.command("remove")
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--dest", default=None, help="Where install wrote the files.")
 def schedule_remove(job_file: str, dest: str | None) -> None:
     """Remove what install wrote for a job; print what was removed."""
