@@ -141,7 +141,7 @@ def backup(job: Path, code: int = 0) -> dict:
     assert out.stdout, out.stderr
     r = json.loads(out.stdout)
     assert out.returncode == code == r["exit_code"], out.stderr
-    return r
+    return r | {"log": out.stderr}
 
 
 def local_ids(store: Path) -> list[str]:
@@ -208,6 +208,7 @@ def test_a_destination_that_is_down_makes_the_run_partial_and_the_next_catches_u
     [d] = down["destinations"]
     assert down["status"] == "partial" and d["status"] == "failed", down
     assert "far" in down["error"] and d["error"]
+    assert f"destination ssh:far:{far.store}: failed: " in down["log"], down["log"]
     # keep_last = 1, yet the checkpoint the destination holds stays: the next incremental's
     # parent.
     assert local_ids(store) == [first["id"], down["id"]]
@@ -217,6 +218,8 @@ def test_a_destination_that_is_down_makes_the_run_partial_and_the_next_catches_u
     up = backup(job)
     [d] = up["destinations"]
     assert (d["status"], d["mode"], d["parent"]) == ("sent", "incremental", first["id"])
+    assert (f"destination ssh:far:{far.store}: incremental on {first['id']}, {d['bytes']} "
+            "bytes, ") in up["log"], up["log"]
     assert sorted(far.listed()) == sorted([first["id"], up["id"]])
     assert local_ids(store) == [up["id"]]
     assert alive(pid)
