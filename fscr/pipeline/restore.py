@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, copies, failures, lazy, locks, origins, preflight, relink, snapshot
+from .. import backends, failures, lazy, locks, origins, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..backends.criu_log import table_of as criu_table
@@ -386,6 +386,7 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     require_root()
     store = Store.open(store_dir)
     if is_copy(name):
+        from .. import copies  # loaded on use: a restore never needs it
         return copies.delete(store.root, name)
     if is_rescue(name):
         for r in store.rescues():
