@@ -268,7 +268,7 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
 @click.option("--lazy", is_flag=True,
               help="Start the tree before its memory is back: CRIU's lazy-pages daemon serves "
                    "its pages on demand (userfaultfd). The page images are verified while it "
-                   "runs; a corrupt one kills it and puts the volumes back (exit 20).")
+                   "runs; a corrupt one kills it and puts the volumes back (exit 22).")
 @store_opt
 @json_opt
 @quiet_opt

@@ -133,4 +133,4 @@ class PagesCorrupt(FscrError):
     """restore --lazy: a page image failed its checksum after the tree had started; the tree
     was killed and the volumes put back."""
 
-    exit_code = 20
+    exit_code = 22

@@ -64,7 +64,7 @@ def test_a_corrupt_page_image_kills_the_lazily_restored_tree_and_puts_the_volume
         f.seek(pages.stat().st_size // 2)
         f.write(b"\xff" * 4096)
     out = fscr("restore", m["id"], "--lazy", store=store, check=False)
-    assert out.returncode == 20, out.stderr
+    assert out.returncode == 22, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "pages-" in out.stderr and "killed" in out.stderr and "put back" in out.stderr
     assert cg.procs() == []  # the tree that ran on corrupt memory is gone
