@@ -48,10 +48,15 @@ class Plan:
 
 
 def _criu(run: Run) -> list[Task]:
-    """CRIU and a lazy restore's lazy-pages daemon: gc waits for both (a daemon killed early
-    leaves its tree's untransferred pages reading as zeroes)."""
-    return [t for e in run.events("criu") + run.events("lazy")
+    """CRIU, and the lazy-pages daemon of a lazy restore whose tree runs: gc waits for both
+    (a daemon killed early leaves its tree's untransferred pages reading as zeroes)."""
+    daemons = run.events("lazy") if run.events("restored") else []
+    return [t for e in run.events("criu") + daemons
             if (t := Task(e["pid"], e["starttime"])).alive()]
+
+
+def _lazy_daemons(run: Run) -> list[Task]:
+    return [t for e in run.events("lazy") if (t := Task(e["pid"], e["starttime"])).alive()]
 
 
 def _thaw_steps(plan: Plan) -> None:
@@ -203,6 +208,9 @@ def plan_restore(store: Store, run: Run) -> Plan:
         plan.add(f"kill the restored tree of PID {root}: its page images are corrupt",
                  lambda r=root: lazy.kill_tree(r))
         root = None
+    if root is None:  # no tree runs on them: the daemon serves nobody
+        for d in _lazy_daemons(run):
+            plan.add(f"stop CRIU's lazy-pages daemon (PID {d.pid})", lambda d=d: lazy.stop(d))
     if root is not None and m is not None and cgroup is not None:
         rescues = [e["rescue"] for e in swaps]
         name = swaps[0]["name"] if swaps else ""

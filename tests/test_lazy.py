@@ -78,3 +78,52 @@ def test_a_corrupt_page_image_kills_the_lazily_restored_tree_and_puts_the_volume
 def test_lazy_takes_no_volumes_only(store):
     out = fscr("restore", "x", "--lazy", "--volumes-only", store=store, check=False)
     assert out.returncode == 2 and "--lazy" in out.stderr
+
+
+def gc_clean(store: Path) -> None:
+    assert json.loads(fscr("gc", "--json", store=store).stdout)["runs"] != []
+    assert not list((store / "journal").iterdir())
+    wait_for(lambda: daemons_of(store) == [], 30, "the lazy-pages daemon to be gone")
+
+
+@pytest.mark.parametrize("event", ["lazy", "restored", "verified"])
+def test_a_lazy_restore_killed_at_each_stage_is_finished_or_undone_by_gc(
+        event, btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("memory", str(vol), "16")
+    grows(vol / "history", 3)
+    cg = freezer.cgroup_of(pid)
+    before = ask(vol, "memory")["sha256"]
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    wait_for(lambda: not alive(pid), 10, "the tree to be killed")
+    (vol / "written-after").write_text("newer")
+    out = fscr("restore", m["id"], "--lazy", store=store, check=False,
+               env={"FSCR_TEST_KILL_AT": event})
+    assert out.returncode == -9, out.stderr
+    gc_clean(store)
+    if event == "lazy":  # the daemon ran, CRIU had not: undone, the daemon stopped
+        assert (vol / "written-after").exists() and cg.procs() == []
+    else:  # the tree ran: finished, on the checkpoint's memory
+        assert not (vol / "written-after").exists()
+        assert ask(vol, "memory")["sha256"] == before
+
+
+def test_gc_kills_a_lazily_restored_tree_whose_pages_were_never_verified_and_are_corrupt(
+        btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("memory", str(vol), "16")
+    grows(vol / "history", 3)
+    cg = freezer.cgroup_of(pid)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    wait_for(lambda: not alive(pid), 10, "the tree to be killed")
+    (vol / "written-after").write_text("newer")
+    pages = next((store / "checkpoints" / m["id"] / "images").glob("pages-*.img"))
+    with open(pages, "r+b") as f:
+        f.seek(pages.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    out = fscr("restore", m["id"], "--lazy", store=store, check=False,
+               env={"FSCR_TEST_KILL_AT": "restored"})
+    assert out.returncode == -9, out.stderr
+    gc_clean(store)
+    assert (vol / "written-after").exists()
+    wait_for(lambda: cg.procs() == [], 10, "the corrupt tree to be gone")
