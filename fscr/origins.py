@@ -32,7 +32,7 @@ Pair = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(ge=0)]]  # (PID, 
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
 
 class CgroupOf(_Record):
