@@ -51,3 +51,17 @@ def test_doctor_reports_a_bad_fscr_criu_setting():
     report = json.loads(out.stdout)
     assert report["missing"] == ["criu"]
     assert "/nonexistent" in {r["name"]: r for r in report["checks"]}["criu"]["detail"]
+
+
+def test_doctor_says_whether_lazy_restore_works_here():
+    rows = {r["name"]: r for r in json.loads(fscr("doctor", "--json").stdout)["checks"]}
+    criu = rows["criu"]["detail"].split()[0]
+    # asked of CRIU directly: userfaultfd and its non-cooperative events
+    works = all(subprocess.run([criu, "check", "--feature", f], capture_output=True)
+                .returncode == 0 for f in ("uffd", "uffd-noncoop"))
+    lazy = rows["lazy restore"]
+    assert lazy["ok"] == works and not lazy["essential"]
+    assert ("restore --lazy" in lazy["detail"]) if works else ("userfaultfd" in lazy["detail"])
+    hidden = json.loads(fscr("doctor", "--json", check=False,
+                             env={"FSCR_CRIU": "/nonexistent"}).stdout)
+    assert not {r["name"]: r for r in hidden["checks"]}["lazy restore"]["ok"]

@@ -149,6 +149,8 @@ class Criu:
         argv = [require(), "restore", "-D", str(req.images), "-W", str(req.images.parent),
                 "-o", str(req.log), "-v2", "--restore-detached", "--pidfile", str(pidfile)]
         argv += _tcp_options(req.tcp) + _options(req.options)
+        if req.lazy:
+            argv.append("--lazy-pages")
         for fd, key in req.inherit:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
         if req.cgroup is not None:
