@@ -16,7 +16,8 @@ The short mode (default) sweeps a little of everything (under two minutes on a 2
 machine); --full runs the issue's sweeps (volume data 100 MB, 1 GB, 4 GB; an unlinked file
 of 10 MB and 1 GB; RSS 64 MB and 1 GB; 1, 10 and 100 processes). results.md states each
 of the issue's targets as a ratio from the run (bench/report.py; `python -m bench.report
-DIR` renders a results.json again).
+DIR` renders a results.json again). Replication to an ssh destination is measured apart:
+`python -m bench.replication` (bench/replication.py).
 """
 
 from __future__ import annotations

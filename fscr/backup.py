@@ -14,6 +14,9 @@ cron entry that starts runs.
     kind = "criu"                # or "freeze-only"
     [retention]                  # keep_last, hourly, daily, weekly, monthly, yearly
     keep_last = 3
+    [[destination]]              # optional, any number: copies off the machine after each
+    kind = "ssh"                 # checkpoint; or kind = "restic" (fscr/replicate.py,
+    host = "root@far"            # docs/backups.md)
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import locks, names, pipeline, preflight, retention
+from . import locks, names, pipeline, preflight, replicate, retention
 from .errors import BadInput, Busy, FscrError
 from .process.target import Target
 from .retention import Policy
@@ -78,6 +81,7 @@ class Job(_Section):
     snapshot: SnapshotSection
     backend: BackendSection = BackendSection()
     retention: Policy = Policy()
+    destination: list[replicate.Destination] = []
 
 
 def load(path: str) -> Job:
@@ -123,6 +127,7 @@ class RunReport:
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     reasons: dict[str, list[str]] = field(default_factory=dict)
+    destinations: list[replicate.DestinationReport] = field(default_factory=list)
     error: str | None = None
     exit_code: int = 0
 
@@ -133,8 +138,9 @@ PARTIAL_EXIT = 21
 
 def run(job: Job, now: datetime | None = None,
         progress: pipeline.Progress = pipeline.quiet) -> RunReport:
-    """One backup: checkpoint with --leave-running, then prune. Overlapping runs of one job
-    do not interleave: the second is "skipped". Never raises for an expected failure: the
+    """One backup: checkpoint with --leave-running, copy it to each destination, then prune.
+    Overlapping runs of one job do not interleave: the second is "skipped". A destination or
+    the pruning failing makes the run "partial". Never raises for an expected failure: the
     report says what happened (status, exit code)."""
     t0 = time.monotonic()
     report = RunReport(job.name, "failed")
@@ -147,12 +153,20 @@ def run(job: Job, now: datetime | None = None,
                 store=job.store, job=job.name), progress)
             report.id, report.freeze_window = m.id, m.durations.get("freeze_window")
             report.status = "success"
+            report.destinations = replicate.replicate(job.destination, job.name, m.id,
+                                                      job.retention, job.store)
+            failed = [d for d in report.destinations if d.status == "failed"]
+            if failed:
+                report.status, report.exit_code = "partial", PARTIAL_EXIT
+                report.error = "; ".join(f"destination {d.destination}: {d.error}"
+                                         for d in failed)
             try:
                 decision = prune(job, dry_run=False, now=now)
                 report.kept, report.removed = decision.keep, decision.remove
                 report.reasons = decision.reasons
             except FscrError as e:
-                report.status, report.error, report.exit_code = "partial", str(e), PARTIAL_EXIT
+                report.status, report.exit_code = "partial", PARTIAL_EXIT
+                report.error = "; ".join(x for x in (report.error, str(e)) if x)
     except Busy:
         report.status, report.exit_code = "skipped", SKIPPED_EXIT
         report.error = f"another backup of job {job.name} is running"
@@ -164,14 +178,29 @@ def run(job: Job, now: datetime | None = None,
 
 def prune(job: Job, dry_run: bool, now: datetime | None = None) -> retention.Decision:
     """Remove the job's checkpoints (snapshots and images together) its policy no longer
-    keeps; only checkpoints this job made are considered."""
-    store = Store.open(job.store)
-    mine = [(m.id, datetime.fromisoformat(m.created)) for m in store.list() if m.job == job.name]
+    keeps; only checkpoints this job made are considered. The newest checkpoint each
+    destination holds stays: it is the parent of that destination's next incremental."""
+    labels = {d.label for d in job.destination}  # a destination removed from the job: no more
+    parents = {k: v for k, v in replicate.held(job.name, job.store).items() if k in labels}
+    return prune_checkpoints(job.name, job.store, job.retention, dry_run, now, parents)
+
+
+def prune_checkpoints(job: str, store_dir: str | None, policy: Policy, dry_run: bool,
+                      now: datetime | None = None,
+                      parents: dict[str, str] | None = None) -> retention.Decision:
+    """prune() by job name and policy (also what a destination's retention runs there)."""
+    store = Store.open(store_dir)
+    mine = [(m.id, datetime.fromisoformat(m.created)) for m in store.list() if m.job == job]
     tz = datetime.now().astimezone().tzinfo or UTC
-    decision = retention.apply_policy(mine, job.retention, tz, now or datetime.now(UTC))
+    decision = retention.apply_policy(mine, policy, tz, now or datetime.now(UTC))
+    for label, cid in (parents or {}).items():
+        if cid in decision.remove:
+            decision.remove.remove(cid)
+            decision.keep.append(cid)
+            decision.reasons.setdefault(cid, []).append(f"parent for destination {label}")
     if not dry_run:
         for cid in decision.remove:
-            pipeline.delete(cid, job.store)
+            pipeline.delete(cid, store_dir)
     return decision
 
 

@@ -82,7 +82,8 @@ def target_of(pid: int | None, cgroup: str | None, name: str | None) -> Target:
 def summary(m: Manifest) -> dict[str, Any]:
     """What a user or script wants to know of a checkpoint (text and --json alike)."""
     return {
-        "id": m.id, "created": m.created, "hostname": m.hostname, "backend": m.backend,
+        "id": m.id, "created": m.created, "hostname": m.hostname, "job": m.job,
+        "backend": m.backend,
         "snapshot": m.snapshot, "mode": m.mode, "root_pid": m.root.pid,
         "volumes": [v.model_dump() for v in m.volumes],
         "relinks": [r.model_dump() for r in m.relinks],

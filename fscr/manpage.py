@@ -17,7 +17,8 @@ from . import errors
 OTHER_CODES = {
     2: "Bad usage: an unknown option, a missing argument (click prints the usage).",
     20: "fscr backup: skipped, another run of the same job holds its lock.",
-    21: "fscr backup: partial, the checkpoint was made but pruning failed.",
+    21: "fscr backup: partial, the checkpoint was made but a destination or the pruning "
+        "failed.",
     130: "Interrupted (Ctrl-C).",
 }
 

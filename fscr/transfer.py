@@ -274,6 +274,8 @@ def _receive_volume(s: _In, store: Store, m: Manifest, h: dict, journal: Journal
                             stderr=subprocess.PIPE)
     try:
         s.payload(proc.stdin.write)
+    except BrokenPipeError:
+        pass  # btrfs receive stopped reading (a damaged stream, say): its error says why
     except BaseException:
         proc.kill()
         raise
