@@ -93,6 +93,19 @@ def summary(m: Manifest) -> dict[str, Any]:
     }
 
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by it
+
+# A day: longer than any freeze a service survives, short enough for select()'s timeout.
+MAX_FREEZE = 86400.0
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """FloatRange lets nan through (every comparison with it is false)."""
+    if value != value:
+        raise click.BadParameter("not a number", ctx, param)
+    return value
+
+
 def parse_allow(value: str | None) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in (value or "").split(",") if k.strip())
     unknown = kinds - set(preflight.KINDS)
@@ -194,7 +207,8 @@ def target_opts(f: Callable) -> Callable:
 @tcp_opt
 @allow_opt
 @click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
-@click.option("--max-freeze", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--max-freeze", type=click.FloatRange(min=0.1, max=MAX_FREEZE), default=30.0,
+              show_default=True, callback=finite,
               help="Seconds the tree may stay frozen; past that the watchdog thaws it and the "
                    "checkpoint is aborted.")
 @store_opt
@@ -323,8 +337,14 @@ def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
     if out.isatty():
         raise click.UsageError("refusing to write a binary stream to a terminal: redirect it")
     notice_unfinished(store)
-    sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
-                         progress=progress_printer(False))
+    try:
+        sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
+                             progress=progress_printer(False))
+    except BrokenPipeError:
+        # The reader stopped (`| head`): quiet, as for any tool a shell pipes from, with the
+        # status a SIGPIPE gives; stdout goes to /dev/null so exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(BROKEN_PIPE_EXIT)
     err.print(f"fscr: sent {sent.id}" + (f" (incremental on {sent.parent})" if sent.parent
               else "") + f", {sent.bytes} bytes", markup=False, highlight=False)
 
@@ -354,7 +374,9 @@ def main() -> None:
         err.print(f"fscr: error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        # One line like every other error (scripts grep stderr); --help shows the usage.
+        err.print(f"fscr: error: {e.format_message()}", highlight=False, markup=False,
+                  soft_wrap=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         err.print("fscr: aborted", markup=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli import emit, json_opt, notice_unfinished, store_opt, summary
+from .cli import emit, err, json_opt, notice_unfinished, store_opt, summary
 
 
 @click.command("list")
@@ -25,7 +25,8 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
         list_failed(st.root, as_json)
         return
     rows = [summary(m) for m in st.list()]
-    rescues = st.rescues()
+    rescues = st.rescues(damaged=lambda why: err.print(f"fscr: warning: {why}", markup=False,
+                                                       highlight=False, soft_wrap=True))
     from .snapshot import state_of
     for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
         r["states"] = [state_of(r.get("kind", "btrfs"), p) for p in r["paths"]]

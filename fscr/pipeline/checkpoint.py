@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import CriuFailed, FreezeTimeout, Refused
+from ..errors import BadVolume, CriuFailed, FreezeTimeout, Refused
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -27,6 +29,8 @@ from ..manifest import (
     TaskRecord,
     UnchangedRecord,
     VolumeRecord,
+    describe,
+    recordable,
 )
 from ..names import check_id, relink_name
 from ..process import netns
@@ -67,6 +71,21 @@ class CheckpointRequest:
     max_freeze: float = 30.0
 
 
+def _volumes(req: CheckpointRequest) -> list[Path]:
+    """The volumes as real absolute paths. An empty one is refused (it would silently mean
+    the current directory), and one a manifest cannot record (NUL, not UTF-8)."""
+    out = []
+    for v in req.volumes:
+        if not v:
+            raise BadVolume("a volume is the empty string: name its directory")
+        try:
+            recordable(v)
+        except ValueError as e:
+            raise BadVolume(f"volume {v!r} {e}") from None
+        out.append(Path(os.path.realpath(v)))
+    return out
+
+
 def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     """Checkpoint the target tree and its volumes at one frozen instant.
 
@@ -86,7 +105,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
                       "from its image (CRIU kills the tree with the connections silenced)")
     # realpath: a manifest holds clean absolute paths, and the snapshots go beside the real
     # directory, not beside a symlink to it.
-    volumes = list(dict.fromkeys(Path(os.path.realpath(v)) for v in req.volumes))
+    volumes = list(dict.fromkeys(_volumes(req)))
     for vol in volumes:
         provider.check(vol)
     backend.check()
@@ -105,7 +124,7 @@ def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     options would be refused (None if it would pass). Freezes nothing."""
     require_root()
     provider = snapshot.get(req.snapshot)
-    volumes = [Path(os.path.realpath(v)) for v in req.volumes]
+    volumes = _volumes(req)
     for vol in volumes:
         provider.check(vol)
     root, _ = resolve(req.target)
@@ -245,6 +264,7 @@ class _Checkpoint:
         lives outside the checkpoint unless its kind is allowed, and TCP connections under
         --tcp refuse. A freeze-only checkpoint restores no process: nothing to refuse."""
         self.report = preflight.run(tasks, {os.stat(v).st_dev for v in self.volumes})
+        self.recorded()  # a name the manifest cannot hold is refused now, not after the dump
         if not self.backend.writes_image:
             return
         apart = [t.pid for t in tasks if not shares_mine(t.pid)]
@@ -328,8 +348,27 @@ class _Checkpoint:
         self.committed = True
         return m
 
+    def recorded(self) -> tuple[list[LeakRecord], list[UnchangedRecord]]:
+        """The preflight's findings as manifest records; a path that is not UTF-8 or holds
+        a NUL byte cannot be recorded (nor reopened from a manifest): refused."""
+        try:
+            return ([LeakRecord(**(asdict(x) | {"what": describe(x.what),
+                                               "detail": describe(x.detail)}))
+                     for x in self.report.leaks],
+                    [UnchangedRecord(**asdict(u)) for u in self.report.unchanged])
+        except ValidationError as e:
+            raise Refused(f"the tree uses a file fscr cannot record: {_first(e)}") from None
+
     def manifest(self, window: float) -> Manifest:
         tasks, cg = self.tasks, self.cg
+        leaks, unchanged = self.recorded()
+        try:
+            return self._manifest(window, tasks, cg, leaks, unchanged)
+        except ValidationError as e:  # the run's undo removes what it made
+            raise Refused(f"the checkpoint cannot be recorded: {_first(e)}") from None
+
+    def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
+                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord]) -> Manifest:
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
         images = self.store.image_records(self.id)
         p = self.placement
@@ -353,8 +392,8 @@ class _Checkpoint:
             tcp=self.req.tcp,
             sockets=[SocketRecord(**s.as_dict()) for s in self.report.sockets],
             allowed=sorted(self.req.allow),
-            leaks=[LeakRecord(**asdict(x)) for x in self.report.leaks],
-            unchanged=[UnchangedRecord(**asdict(u)) for u in self.report.unchanged],
+            leaks=leaks,
+            unchanged=unchanged,
             needs=sorted(self.report.needs),
             netns=NetnsRecord(
                 treatment=p.treatment, inode=p.inode, path=p.path,
@@ -367,3 +406,8 @@ class _Checkpoint:
             durations=dict(self.t.seconds, freeze_window=round(window, 6)),
         )
 
+
+
+def _first(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"{'.'.join(str(x) for x in err['loc']) or '(top)'} {err['msg']}"

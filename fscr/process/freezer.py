@@ -106,7 +106,7 @@ def cgroup_of(pid: int) -> Cgroup:
     """The cgroup of `pid` in the freezer hierarchy fscr uses."""
     kind, root = hierarchy()
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/cgroup").read_text(errors="surrogateescape").splitlines()
     except FileNotFoundError:
         raise BadTarget(f"no such process: {pid}") from None
     for line in lines:
