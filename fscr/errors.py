@@ -10,12 +10,16 @@ from pathlib import Path
 
 
 class FscrError(Exception):
-    """Base class: the message is printed as one line, the process exits with `exit_code`."""
+    """Base class: the message is printed as one line, the process exits with `exit_code`.
+    Raised itself for any other expected failure (and `fscr gc` exits so when a step
+    failed)."""
 
     exit_code = 1
 
 
 class NotRoot(FscrError):
+    """fscr runs as root only (its store and CRIU need it)."""
+
     exit_code = 3
 
 
@@ -32,6 +36,8 @@ class BadVolume(FscrError):
 
 
 class NoSuchCheckpoint(FscrError):
+    """No committed checkpoint (or rescue snapshot) of that name in the store."""
+
     exit_code = 6
 
 
@@ -54,6 +60,8 @@ class CriuFailed(FscrError):
 
 
 class SnapshotFailed(FscrError):
+    """A snapshot could not be made, copied or put back (the provider's error is quoted)."""
+
     exit_code = 8
 
 
@@ -76,6 +84,8 @@ class MissingDependency(FscrError):
 
 
 class NoSpace(FscrError):
+    """The filesystem of a volume, a snapshot or the store is full."""
+
     exit_code = 12
 
 
@@ -98,9 +108,17 @@ class Refused(FscrError):
 
 
 class BadInput(FscrError):
-    """A malformed argument: a checkpoint id, a name."""
+    """A malformed argument or job file: a checkpoint id that is taken or invalid, a name,
+    an interval, a path that cannot go into a unit file."""
 
     exit_code = 16
+
+
+class BadStore(BadInput):
+    """The store is a file, cannot be created, or is a symlink or another user's."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"store: {what}")
 
 
 class FreezeTimeout(FscrError):

@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError
 
 from . import origins
-from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
+from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, NotRoot
 from .fsutil import private_dir, sha256_files, write_atomic
 from .manifest import AbsPath, ImageFile, Manifest, Record, digest
 from .names import RESCUE_PATTERN, check_id, is_rescue
@@ -33,13 +33,6 @@ DEFAULT = Path("/var/lib/fscr")
 
 def _private_dir(path: Path) -> Path:
     return private_dir(path, BadStore)
-
-
-class BadStore(BadInput):
-    """The store names a file, an unwritable place, or a directory fscr may not trust."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"store: {what}")
 
 
 class RescueRecord(Record):

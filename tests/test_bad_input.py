@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -479,3 +480,21 @@ def test_send_into_a_pipe_closed_early_exits_quietly(made, store):
                          capture_output=True, text=True,
                          env=os.environ | {"FSCR_STORE": str(store)})
     assert (out.returncode, out.stderr) == (141, "")
+
+
+# --- the exit codes, as docs/exit-codes.md lists them --------------------------------------
+
+def test_exit_codes_doc_lists_every_error_class_with_its_code():
+    from fscr import errors
+    doc = (Path(__file__).parent.parent / "docs" / "exit-codes.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            rows.setdefault(cells[1], int(cells[0]))
+    classes = {name: cls.exit_code for name, cls in vars(errors).items()
+               if isinstance(cls, type) and issubclass(cls, errors.FscrError)}
+    assert {k: rows.get(k) for k in classes} == classes
+    from fscr import backup, cli
+    listed = {int(c) for c in re.findall(r"^\| ([0-9]+) \|", doc, re.M)}
+    assert {2, backup.SKIPPED_EXIT, backup.PARTIAL_EXIT, 130, cli.BROKEN_PIPE_EXIT} <= listed
