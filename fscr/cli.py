@@ -367,16 +367,23 @@ cli_jobs.register(cli)
 cli_store.register(cli)
 
 
+def one_line(text: str) -> str:
+    """A message as one line: a newline or control character in a name it quotes (a path,
+    a manifest value) is shown escaped, as repr() would."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except FscrError as e:
-        err.print(f"fscr: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        err.print(f"fscr: error: {one_line(str(e))}", highlight=False, markup=False,
+                  soft_wrap=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         # One line like every other error (scripts grep stderr); --help shows the usage.
-        err.print(f"fscr: error: {e.format_message()}", highlight=False, markup=False,
-                  soft_wrap=True)
+        err.print(f"fscr: error: {one_line(e.format_message())}", highlight=False,
+                  markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         err.print("fscr: aborted", markup=False)

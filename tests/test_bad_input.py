@@ -53,6 +53,7 @@ GOOD_JOB = '[target]\nname = "app"\n[snapshot]\nvolumes = ["/srv/app"]\n'
     (["check", "--pid", "1", "--volume", ""], 5, "volume is the empty string"),
     (["checkpoint", "--pid", "1", "--volume", os.fsdecode(b"/tmp/\xff")], 5, "is not UTF-8"),
     (["restore"], 2, "Missing argument"),
+    (["checkpoint", "--pid", "1", "--volume", "/tmp/a\nb"], 5, "/tmp/a\\nb is not"),
 ])
 def test_bad_arguments_get_one_line(args, code, text, store):
     one_line(fscr(*args, store=store, check=False), code, text)
