@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -277,6 +277,8 @@ def _mutate(doc, data, canary: Canary):  # noqa: ANN001, ANN202
     changed = []
     for _ in range(data.draw(st.integers(1, 4), label="mutations")):
         nodes = [p for p, _ in _walk(doc) if p]
+        if not nodes:  # everything dropped already
+            break
         where = data.draw(st.sampled_from(nodes), label="where")
         parent = doc
         for k in where[:-1]:
@@ -418,7 +420,17 @@ def stream(btrfs_volume, workloads, store):  # noqa: ANN001, ANN201
     raw = subprocess.run([str(FSCR), "send", m["id"]], capture_output=True, check=True,
                          env=os.environ | {"FSCR_STORE": str(store)}).stdout
     fscr("delete", m["id"], store=store)
-    return vol, store, _records(raw)
+    return Stream(vol, store, _records(raw))
+
+
+@dataclass
+class Stream:
+    vol: Path
+    store: Path
+    records: list = field(repr=False)  # megabytes of images: not in a failure's report
+
+    def __iter__(self):  # noqa: ANN204
+        return iter((self.vol, self.store, self.records))
 
 
 @fuzz_settings
