@@ -130,7 +130,19 @@ store_opt = click.option("--store", envvar="FSCR_STORE", default=None,
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group()
+class _PipeClosed(Exception):
+    """stdout's reader went away. Not an OSError: click turns EPIPE into a bare exit 1."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed() from None
+
+
+@click.group(cls=_Group)
 def cli() -> None:
     """Checkpoint a process tree together with the filesystem it uses."""
 
@@ -337,14 +349,8 @@ def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
     if out.isatty():
         raise click.UsageError("refusing to write a binary stream to a terminal: redirect it")
     notice_unfinished(store)
-    try:
-        sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
-                             progress=progress_printer(False))
-    except BrokenPipeError:
-        # The reader stopped (`| head`): quiet, as for any tool a shell pipes from, with the
-        # status a SIGPIPE gives; stdout goes to /dev/null so exit's flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(BROKEN_PIPE_EXIT)
+    sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
+                         progress=progress_printer(False))
     err.print(f"fscr: sent {sent.id}" + (f" (incremental on {sent.parent})" if sent.parent
               else "") + f", {sent.bytes} bytes", markup=False, highlight=False)
 
@@ -385,6 +391,12 @@ def main() -> None:
         err.print(f"fscr: error: {one_line(e.format_message())}", highlight=False,
                   markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except (_PipeClosed, BrokenPipeError):
+        # The reader stopped (`fscr send ID | head`, `fscr list | head -1`): quiet, as any
+        # tool a shell pipes from, with the status a SIGPIPE gives; stdout goes to /dev/null
+        # so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(BROKEN_PIPE_EXIT)
     except click.exceptions.Abort:
         err.print("fscr: aborted", markup=False)
         sys.exit(130)

@@ -121,8 +121,9 @@ class Store:
         try:
             raw = (d / "manifest.json").read_bytes()
             want = (d / "manifest.json.sha256").read_text().split()[0]
-        except (FileNotFoundError, IndexError):
-            raise BadManifest(f"checkpoint {ckpt_id}: manifest or its digest is missing") from None
+        except (OSError, IndexError, UnicodeDecodeError):  # missing, a directory, garbage
+            raise BadManifest(f"checkpoint {ckpt_id}: manifest or its digest is missing or "
+                              "unreadable") from None
         if digest(raw) != want:
             raise BadManifest(f"checkpoint {ckpt_id}: manifest.json does not match its sha256")
         m = Manifest.from_bytes(raw, f"checkpoint {ckpt_id}")

@@ -499,3 +499,16 @@ def test_exit_codes_doc_lists_every_error_class_with_its_code():
     from fscr import backup, cli
     listed = {int(c) for c in re.findall(r"^\| ([0-9]+) \|", doc, re.M)}
     assert {2, backup.SKIPPED_EXIT, backup.PARTIAL_EXIT, 130, cli.BROKEN_PIPE_EXIT} <= listed
+
+
+@pytest.mark.parametrize("damage", ["digest not UTF-8", "manifest a directory"])
+def test_a_damaged_checkpoint_directory_is_one_line(damage, made, store):
+    pid, vol, m, d = made
+    if damage == "digest not UTF-8":
+        (d / "manifest.json.sha256").write_bytes(b"\xff\xfe  manifest.json\n")
+    else:
+        (d / "manifest.json").unlink()
+        (d / "manifest.json").mkdir()
+    for args in (["show", m["id"]], ["restore", m["id"]], ["delete", m["id"]]):
+        one_line(fscr(*args, store=store, check=False), 9, "missing or unreadable")
+    assert alive(pid)
