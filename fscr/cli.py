@@ -63,7 +63,7 @@ def notice_unfinished(store: str | None) -> None:
         return
     from .journal import unfinished
     from .store import Store
-    dead = unfinished(Store.open(store).root)
+    dead = unfinished(Store.open(store, write=False).root)
     if dead:
         ids = ", ".join(f"{r.op} {r.id}" for r in dead)
         err.print(f"fscr: warning: {len(dead)} unfinished run(s) whose fscr is gone ({ids}); "
@@ -158,7 +158,7 @@ def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
     from .store import Store
     rows = doctor_mod.run_checks()
     if for_id is not None:
-        rows += doctor_mod.for_checkpoint(Store.open(store), for_id)
+        rows += doctor_mod.for_checkpoint(Store.open(store, write=False), for_id)
     missing = [r.name for r in rows if r.essential and not r.ok]
 
     def text() -> None:

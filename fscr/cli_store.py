@@ -20,7 +20,7 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
     """List checkpoints and rescue snapshots (or, with --failed, failed attempts)."""
     from .store import Store
     notice_unfinished(store)
-    st = Store.open(store)
+    st = Store.open(store, write=False)
     if failed:
         list_failed(st.root, as_json)
         return
@@ -79,7 +79,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Show one checkpoint and its manifest digest."""
     from .store import Store
     notice_unfinished(store)
-    st = Store.open(store)
+    st = Store.open(store, write=False)
     m = st.load(ckpt_id)
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],

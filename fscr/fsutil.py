@@ -35,7 +35,10 @@ def private_dir(path: Path, error: type[Exception]) -> Path:
     if st.st_uid != os.geteuid():
         raise error(f"{path} is owned by uid {st.st_uid}, not by root: refusing to use it")
     if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            raise error(f"cannot make {path} private (mode 0700): {e.strerror}") from None
     return path
 
 

@@ -48,7 +48,10 @@ class Store:
     root: Path
 
     @classmethod
-    def open(cls, root: str | Path | None = None) -> Store:
+    def open(cls, root: str | Path | None = None, write: bool = True) -> Store:
+        """The store at `root` (or $FSCR_STORE, or the default), made if missing. `write`:
+        the caller will write to it; a read-only one (a backup disk) is then refused in one
+        line, while list, show and send read it."""
         if os.geteuid() != 0:
             raise NotRoot("fscr must run as root (its store is root-only)")
         given = str(root or os.environ.get("FSCR_STORE") or DEFAULT)
@@ -66,6 +69,8 @@ class Store:
         _private_dir(root / "journal")
         _private_dir(root / "rescues")
         _private_dir(root / "lineages")
+        if write and not os.access(root / "journal", os.W_OK):  # EROFS, even for root
+            raise BadStore(f"{root} is read-only here: this command writes to the store")
         return cls(root)
 
     def dir(self, ckpt_id: str) -> Path:

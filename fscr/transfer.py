@@ -78,7 +78,7 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
          store_dir: str | None = None, progress: Progress = quiet) -> Sent:
     """Write checkpoint `ckpt_id` as a stream to `out` (incremental against `parent`)."""
     require_root()
-    store = Store.open(store_dir)
+    store = Store.open(store_dir, write=False)
     m = store.load(check_id(ckpt_id))
     if m.snapshot == "lvm":
         raise Refused(f"checkpoint {m.id} holds LVM snapshots: send carries btrfs snapshots "

@@ -84,6 +84,28 @@ def test_a_store_fscr_cannot_use_is_one_line_on_every_command(where, tmp_path):
         assert os.listdir(tmp_path / "real") == []
 
 
+def test_a_read_only_store_is_read_and_refused_for_writing(tmp_path):
+    """A store on a read-only filesystem (a backup disk): list reads it; commands that write
+    say so in one line."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt))
+    try:
+        store = mnt / "store"
+        fscr("list", store=store)
+        sh("mount", "-o", "remount,ro", str(mnt))
+        assert fscr("list", "--json", store=store).returncode == 0
+        one_line(fscr("show", "x", store=store, check=False), 6, "no checkpoint x")
+        for args in (["gc"], ["delete", "x"], ["restore", "x"],
+                     ["checkpoint", "--pid", "1", "--volume", str(tmp_path)]):
+            one_line(fscr(*args, store=store, check=False), 16, "is read-only here")
+        one_line(subprocess.run([str(FSCR), "receive"], input="", capture_output=True,
+                                text=True, env=os.environ | {"FSCR_STORE": str(store)}),
+                 16, "is read-only here")
+    finally:
+        sh("umount", str(mnt))
+
+
 @pytest.mark.parametrize("body, text", [
     (b"\xff\xfe[target]\n", "not UTF-8"),
     ('store = "/tmp/\\u0000x"\n' + GOOD_JOB, "key store: Value error, holds a NUL byte"),

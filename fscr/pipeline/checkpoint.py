@@ -129,8 +129,9 @@ def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
         provider.check(vol)
     root, _ = resolve(req.target)
     tree = descendants(root)
-    run = _Checkpoint(req, Store.open(req.store), "check", provider, backends.get(req.backend),
-                      volumes, root, Timings(), placement=netns.classify(root, set()))
+    run = _Checkpoint(req, Store.open(req.store, write=False), "check", provider,
+                      backends.get(req.backend), volumes, root, Timings(),
+                      placement=netns.classify(root, set()))
     try:
         run.preflight(tree)
     except Refused as e:
