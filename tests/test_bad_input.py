@@ -534,3 +534,11 @@ def test_a_damaged_checkpoint_directory_is_one_line(damage, made, store):
     for args in (["show", m["id"]], ["restore", m["id"]], ["delete", m["id"]]):
         one_line(fscr(*args, store=store, check=False), 9, "missing or unreadable")
     assert alive(pid)
+
+
+@pytest.mark.parametrize("wait", ["abc", "nan", "inf", "-1"])
+def test_a_bad_lock_wait_is_one_line(wait, made, store):
+    pid, vol, m, d = made
+    one_line(fscr("restore", m["id"], "--replace", store=store, check=False,
+                  env={"FSCR_LOCK_WAIT": wait}), 16, "FSCR_LOCK_WAIT")
+    assert alive(pid)
