@@ -53,11 +53,24 @@ GOOD_JOB = '[target]\nname = "app"\n[snapshot]\nvolumes = ["/srv/app"]\n'
     (["check", "--pid", "1", "--volume", ""], 5, "volume is the empty string"),
     (["checkpoint", "--pid", "1", "--volume", os.fsdecode(b"/tmp/\xff")], 5, "is not UTF-8"),
     (["restore"], 2, "Missing argument"),
+    (["checkpoint", "--pid", "1", "--volume", "/x", "--id", ""], 16, "invalid checkpoint id"),
     (["checkpoint", "--pid", "1", "--volume", "/tmp/a\nb"], 5, "/tmp/a\\nb is not"),
 ])
 def test_bad_arguments_get_one_line(args, code, text, store):
     one_line(fscr(*args, store=store, check=False), code, text)
     assert not (store / "checkpoints").exists() or os.listdir(store / "checkpoints") == []
+
+
+def test_a_cgroup_path_leading_out_of_the_hierarchy_is_no_cgroup(btrfs_volume, store, tmp_path):
+    """"..", relative or after the hierarchy's own path, never reaches a directory outside it
+    (fscr would write cgroup.freeze there), even one holding a cgroup.procs file."""
+    (tmp_path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    root = freezer.at("/").path
+    up = "../" * len(root.parts[1:])
+    for path in (f"{up}{str(tmp_path).lstrip('/')}", f"{root}/{up}{str(tmp_path).lstrip('/')}"):
+        one_line(fscr("checkpoint", "--cgroup", path, "--volume", str(btrfs_volume.path),
+                      store=store, check=False), 4, "no such cgroup")
+    assert sorted(os.listdir(tmp_path)) == sorted(["cgroup.procs", "mnt", "btrfs.img", "store"])
 
 
 @pytest.mark.parametrize("where", ["file", "missing-parent", "under-a-file", "symlink",

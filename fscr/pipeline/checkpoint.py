@@ -95,7 +95,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     """
     require_root()
     store = Store.open(req.store)
-    ckpt_id = check_id(req.id) if req.id else new_id()
+    ckpt_id = check_id(req.id) if req.id is not None else new_id()  # "" is no id
     provider = snapshot.get(req.snapshot, size=req.lvm_size)
     backend = backends.get(req.backend)
     if req.kill and not backend.writes_image:

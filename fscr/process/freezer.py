@@ -129,9 +129,11 @@ def from_user_path(path: str) -> Cgroup:
     kind, root = hierarchy()
     p = Path(path)
     full = p if p.is_absolute() and p.is_relative_to(root) else root / path.lstrip("/")
-    if not full.is_dir():
+    # "..", or a symlink, must not lead out of the hierarchy: fscr writes cgroup files there.
+    if not full.is_dir() or not full.resolve().is_relative_to(root.resolve()):
         raise BadTarget(f"no such cgroup: {path}")
-    if full.resolve() == root.resolve():
+    full = full.resolve()
+    if full == root.resolve():
         raise BadTarget("refusing to freeze the root cgroup")
     return Cgroup(kind, full)
 
