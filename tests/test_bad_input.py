@@ -61,7 +61,8 @@ def test_bad_arguments_get_one_line(args, code, text, store):
     assert not (store / "checkpoints").exists() or os.listdir(store / "checkpoints") == []
 
 
-def test_a_cgroup_path_leading_out_of_the_hierarchy_is_no_cgroup(btrfs_volume, store, tmp_path):
+def test_a_cgroup_path_leading_out_of_the_hierarchy_is_no_cgroup(btrfs_volume, workloads, store,
+                                                                 tmp_path):
     """"..", relative or after the hierarchy's own path, never reaches a directory outside it
     (fscr would write cgroup.freeze there), even one holding a cgroup.procs file."""
     (tmp_path / "cgroup.procs").write_text(f"{os.getpid()}\n")
@@ -71,6 +72,12 @@ def test_a_cgroup_path_leading_out_of_the_hierarchy_is_no_cgroup(btrfs_volume, s
         one_line(fscr("checkpoint", "--cgroup", path, "--volume", str(btrfs_volume.path),
                       store=store, check=False), 4, "no such cgroup")
     assert sorted(os.listdir(tmp_path)) == sorted(["cgroup.procs", "mnt", "btrfs.img", "store"])
+    pid, _ = workloads.run("sleep", "1000")  # a real one, relative, absolute, with "..": found
+    rel = freezer.cgroup_of(pid).rel
+    for path in (rel, f"{root}{rel}", f"{rel}/../{rel.rsplit('/', 1)[1]}"):
+        out = fscr("check", "--cgroup", path, "--volume", str(btrfs_volume.path), store=store,
+                   check=False)
+        assert out.returncode == 0 and "would checkpoint" in out.stdout, (path, out.stderr)
 
 
 @pytest.mark.parametrize("where", ["file", "missing-parent", "under-a-file", "symlink",

@@ -130,10 +130,11 @@ def from_user_path(path: str) -> Cgroup:
     p = Path(path)
     full = p if p.is_absolute() and p.is_relative_to(root) else root / path.lstrip("/")
     # "..", or a symlink, must not lead out of the hierarchy: fscr writes cgroup files there.
-    if not full.is_dir() or not full.resolve().is_relative_to(root.resolve()):
+    full = Path(os.path.normpath(full))
+    if not (full.is_relative_to(root) and full.is_dir()
+            and full.resolve().is_relative_to(root.resolve())):
         raise BadTarget(f"no such cgroup: {path}")
-    full = full.resolve()
-    if full == root.resolve():
+    if full == root:
         raise BadTarget("refusing to freeze the root cgroup")
     return Cgroup(kind, full)
 
