@@ -562,3 +562,30 @@ def test_a_bad_lock_wait_is_one_line(wait, made, store):
     one_line(fscr("restore", m["id"], "--replace", store=store, check=False,
                   env={"FSCR_LOCK_WAIT": wait}), 16, "FSCR_LOCK_WAIT")
     assert alive(pid)
+
+
+def test_damaged_lineage_and_origin_records_name_nothing(btrfs_volume, workloads, store):
+    """Lineage files with names fscr never gives, or contents that fail validation, and a
+    damaged origin record: checkpoint and restore --replace go on as if they were absent."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    fscr("list", store=store)
+    lineages = store / "lineages"
+    lineages.mkdir(exist_ok=True)
+    (lineages / "1_x.json").write_text("[]")
+    (lineages / "²_3.json").write_text("[]")
+    (lineages / f"{pid}_{os.stat(f'/proc/{pid}').st_ctime_ns}.json").write_bytes(b"\xff{")
+    (lineages / "12_34.json").write_text('{"version": 1, "boot": 5, "tasks": "x"}')
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    origin = store / "origins" / f"{m['id']}.json"
+    kept = origin.read_bytes()
+    origin.write_text('{"version": 1, "id": "' + m["id"] + '", "tasks": [[1, "x"]]}')
+    out = fscr("restore", m["id"], "--replace", store=store, check=False)
+    # Without its record the checkpoint counts as received: --replace kills nothing, and its
+    # cgroup, which holds the running tree, is not joined.
+    one_line(out, 15, "was not made here")
+    assert alive(pid)
+    origin.write_bytes(kept)
+    r = json.loads(fscr("restore", m["id"], "--replace", "--json", store=store).stdout)
+    assert r["pid"] == pid and alive(pid)
