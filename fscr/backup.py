@@ -56,7 +56,7 @@ class _Section(BaseModel):
 class TargetSection(_Section):
     pid_file: PathStr | None = None
     cgroup: PathStr | None = None
-    name: PathStr | None = None
+    name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")] | None = None  # fscr run --name
 
     @model_validator(mode="after")
     def _one(self) -> TargetSection:
