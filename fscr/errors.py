@@ -18,7 +18,7 @@ class FscrError(Exception):
 
 
 class NotRoot(FscrError):
-    """fscr runs as root only (its store and CRIU need it)."""
+    """Not run as root: fscr freezes cgroups and runs CRIU."""
 
     exit_code = 3
 
@@ -36,7 +36,7 @@ class BadVolume(FscrError):
 
 
 class NoSuchCheckpoint(FscrError):
-    """No committed checkpoint (or rescue snapshot) of that name in the store."""
+    """No checkpoint (or rescue snapshot, or copy) of that id in the store."""
 
     exit_code = 6
 
@@ -60,7 +60,7 @@ class CriuFailed(FscrError):
 
 
 class SnapshotFailed(FscrError):
-    """A snapshot could not be made, copied or put back (the provider's error is quoted)."""
+    """Taking, restoring or deleting a snapshot failed."""
 
     exit_code = 8
 
@@ -84,7 +84,7 @@ class MissingDependency(FscrError):
 
 
 class NoSpace(FscrError):
-    """The filesystem of a volume, a snapshot or the store is full."""
+    """No space left on the device of the store or of a volume."""
 
     exit_code = 12
 

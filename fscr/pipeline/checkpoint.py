@@ -39,6 +39,7 @@ from ..process.freezer import Cgroup
 from ..process.mountns import shares_mine
 from ..process.target import Target, isolate, put_back, resolve
 from ..process.tree import Task, descendants, is_pidns_init, task_of
+from ..progress import bytes_in, meter, watching
 from ..store import Store
 from ..watchdog import Watchdog
 from .common import (
@@ -331,14 +332,20 @@ class _Checkpoint:
                 # CRIU will kill the tree: if fscr dies after that, gc commits this draft.
                 self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
             self.journal.note("dump", images=str(self.store.images(self.id)))
-            self.netlock = self.backend.dump(DumpRequest(
-                root_pid=self.root, images=self.store.images(self.id),
-                log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
-                externals=externals, leave_running=self.req.tcp != "established",
-                tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None,
-                options=frozenset(self.report.needs)),
-                noting_pid(self.journal))
+            # CRIU says nothing while it writes: the image directory's growth is the progress.
+            shown = self.t.progress if self.backend.writes_image else quiet
+            with watching(shown, "images written", self.store.images(self.id)):
+                self.netlock = self.dump_images(cg, externals, inside)
             self.journal.note("dumped")
+
+    def dump_images(self, cg: Cgroup, externals: list[str], inside: bool) -> str | None:
+        return self.backend.dump(DumpRequest(
+            root_pid=self.root, images=self.store.images(self.id),
+            log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
+            externals=externals, leave_running=self.req.tcp != "established",
+            tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None,
+            options=frozenset(self.report.needs)),
+            noting_pid(self.journal))
 
     def commit(self, window: float) -> Manifest:
         self.t.seconds["freeze_window"] = round(window, 6)
@@ -371,7 +378,9 @@ class _Checkpoint:
     def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
                   leaks: list[LeakRecord], unchanged: list[UnchangedRecord]) -> Manifest:
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
-        images = self.store.image_records(self.id)
+        written = bytes_in(self.store.images(self.id))  # none yet in a --tcp established draft
+        with meter(self.t.progress if written else quiet, "checksum", written) as m:
+            images = self.store.image_records(self.id, m.advance)
         p = self.placement
         return Manifest(
             schema_version=SCHEMA_VERSION,
