@@ -22,6 +22,8 @@ cron entry that starts runs.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -31,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import locks, names, pipeline, preflight, replicate, retention
 from .errors import BadInput, Busy, FscrError
@@ -40,14 +42,24 @@ from .retention import Policy
 from .store import Store
 
 
+def _no_nul(v: str) -> str:
+    if "\0" in v:
+        raise ValueError("holds a NUL byte")
+    return v
+
+
+# A path fscr passes to the kernel: no NUL (a system call cannot take it), never empty.
+PathStr = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, defer_build=True)
 
 
 class TargetSection(_Section):
-    pid_file: str | None = None
-    cgroup: str | None = None
-    name: str | None = None
+    pid_file: PathStr | None = None
+    cgroup: PathStr | None = None
+    name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")] | None = None  # fscr run --name
 
     @model_validator(mode="after")
     def _one(self) -> TargetSection:
@@ -58,7 +70,7 @@ class TargetSection(_Section):
 
 class SnapshotSection(_Section):
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
-    volumes: list[str] = Field(min_length=1)
+    volumes: list[PathStr] = Field(min_length=1)
     lvm_size: str | None = None  # a classic LVM snapshot's size, as --lvm-size
 
     @model_validator(mode="after")
@@ -74,7 +86,7 @@ class BackendSection(_Section):
 
 class Job(_Section):
     name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
-    store: str | None = None
+    store: PathStr | None = None
     tcp: Literal["refuse", "close"] = "refuse"
     allow: list[str] = []
     target: TargetSection
@@ -91,6 +103,8 @@ def load(path: str) -> Job:
             data: dict[str, Any] = tomllib.load(f)
     except OSError as e:
         raise BadInput(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{path}: not valid TOML: {e}") from None
     data.setdefault("name", Path(path).stem.replace("-", "_"))
@@ -206,21 +220,65 @@ def prune_checkpoints(job: str, store_dir: str | None, policy: Policy, dry_run: 
 
 # ------------------------------------------------------------------------------ schedule
 
-def _every(spec: str) -> tuple[int, str]:
-    unit = spec[-1:]
-    if unit not in ("m", "h", "d") or not spec[:-1].isdigit() or int(spec[:-1]) < 1:
-        raise BadInput(f"--every {spec!r}: use a number and m, h or d (e.g. 15m, 1h, 1d)")
-    return int(spec[:-1]), unit
+_UNITS = {"m": 1, "h": 60, "d": 24 * 60}  # minutes in each unit
+
+
+def every(spec: str) -> tuple[int, str]:
+    """`--every` as (n, unit), in the largest unit that divides it evenly (120m is 2h).
+    ASCII digits only (isdigit() passes "²"); at most a year."""
+    m = re.fullmatch(r"([0-9]{1,6})([mhd])", spec)
+    minutes = int(m[1]) * _UNITS[m[2]] if m else 0
+    if not 1 <= minutes <= 366 * 24 * 60:
+        raise BadInput(f"--every {spec!r}: use a number from 1 and m, h or d, at most a year "
+                       "(e.g. 15m, 1h, 1d)")
+    unit = next(u for u in ("d", "h", "m") if minutes % _UNITS[u] == 0)
+    return minutes // _UNITS[unit], unit
+
+
+def _cron_fields(n: int, unit: str, spec: str) -> tuple[str, str, str]:
+    """minute, hour, day-of-month. cron steps restart each hour, day or month, so only a
+    step that divides its field runs evenly: any other interval is refused, not written
+    wrong (61m would run once an hour; 7m would leave a 4-minute gap each hour)."""
+    fits = {"m": 60, "h": 24, "d": 1}[unit]
+    if fits % n:
+        what = {"m": "a divisor of 60 minutes", "h": "a divisor of 24 hours",
+                "d": "1d (cron steps restart each month)"}[unit]
+        raise BadInput(f"--every {spec!r}: cron cannot run that evenly; use {what}, or a "
+                       "systemd timer (--systemd)")
+    step = f"*/{n}" if n > 1 else "*"
+    return {"m": (step, "*", "*"), "h": ("0", step, "*"), "d": ("0", "0", "*")}[unit]
+
+
+def _safe_path(path: str) -> str:
+    """A path that goes into a unit file or a cron line: one line, printable."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise BadInput(f"{path!r}: a control character or newline in a path cannot go into "
+                       "a systemd unit or a cron line; rename it")
+    return path
+
+
+def _systemd_word(word: str) -> str:
+    """One word of ExecStart, quoted for systemd: "\\" and "\"" escaped inside double quotes,
+    "%" (specifiers) and "$" (variables) doubled (systemd.service(5), "Command lines")."""
+    quoted = word.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + quoted.replace("%", "%%").replace("$", "$$") + '"'
+
+
+def _cron_word(word: str) -> str:
+    """One word of a cron command: quoted for /bin/sh, and "%" escaped, since cron turns an
+    unescaped one into a newline (crontab(5)) and strips the backslash of an escaped one."""
+    return shlex.quote(word).replace("%", "\\%")
 
 
 def _fscr() -> str:
     return shutil.which("fscr") or str(Path(sys.executable).parent / "fscr")
 
 
-def schedule_files(job: Job, job_path: str, every: str, systemd: bool) -> dict[str, str]:
+def schedule_files(job: Job, job_path: str, every_spec: str, systemd: bool) -> dict[str, str]:
     """{file name: content} of a systemd service+timer pair, or of a cron.d entry."""
-    n, unit = _every(every)
-    path, exe, unit_name = os.path.realpath(job_path), _fscr(), f"fscr-backup-{job.name}"
+    n, unit = every(every_spec)
+    path, exe = _safe_path(os.path.realpath(job_path)), _safe_path(_fscr())
+    unit_name = f"fscr-backup-{job.name}"
     if systemd:
         span = {"m": "min", "h": "h", "d": "d"}[unit]
         return {
@@ -229,12 +287,12 @@ def schedule_files(job: Job, job_path: str, every: str, systemd: bool) -> dict[s
                 f"Description=fscr backup job {job.name}\n\n"
                 "[Service]\n"
                 "Type=oneshot\n"
-                f"ExecStart={exe} backup {path}\n"
+                f"ExecStart={_systemd_word(exe)} backup {_systemd_word(path)}\n"
                 # 20: skipped, another run of this job still runs: not a failure
                 "SuccessExitStatus=20\n"),
             f"{unit_name}.timer": (
                 "[Unit]\n"
-                f"Description=Run fscr backup job {job.name} every {every}\n\n"
+                f"Description=Run fscr backup job {job.name} every {n}{unit}\n\n"
                 "[Timer]\n"
                 f"OnBootSec={n}{span}\n"
                 f"OnUnitActiveSec={n}{span}\n"
@@ -242,16 +300,11 @@ def schedule_files(job: Job, job_path: str, every: str, systemd: bool) -> dict[s
                 "[Install]\n"
                 "WantedBy=timers.target\n"),
         }
-    minute, hour, day = "*", "*", "*"
-    if unit == "m":
-        minute = f"*/{n}" if n > 1 else "*"
-    elif unit == "h":
-        minute, hour = "0", f"*/{n}" if n > 1 else "*"
-    else:
-        minute, hour, day = "0", "0", f"*/{n}" if n > 1 else "*"
-    return {unit_name: (f"# fscr backup job {job.name}, every {every}\n"
+    minute, hour, day = _cron_fields(n, unit, every_spec)
+    return {unit_name: (f"# fscr backup job {job.name}, every {n}{unit}\n"
                         "SHELL=/bin/sh\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
-                        f"{minute} {hour} {day} * * root {exe} backup {path}\n")}
+                        f"{minute} {hour} {day} * * root {_cron_word(exe)} backup "
+                        f"{_cron_word(path)}\n")}
 
 
 def default_systemd() -> bool:

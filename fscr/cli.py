@@ -64,7 +64,7 @@ def notice_unfinished(store: str | None) -> None:
         return
     from .journal import unfinished
     from .store import Store
-    dead = unfinished(Store.open(store).root)
+    dead = unfinished(Store.open(store, write=False).root)
     if dead:
         ids = ", ".join(f"{r.op} {r.id}" for r in dead)
         err.print(f"fscr: warning: {len(dead)} unfinished run(s) whose fscr is gone ({ids}); "
@@ -95,6 +95,19 @@ def summary(m: Manifest) -> dict[str, Any]:
     }
 
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by it
+
+# A day: longer than any freeze a service survives, short enough for select()'s timeout.
+MAX_FREEZE = 86400.0
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """FloatRange lets nan through (every comparison with it is false)."""
+    if value != value:
+        raise click.BadParameter("not a number", ctx, param)
+    return value
+
+
 def parse_allow(value: str | None) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in (value or "").split(",") if k.strip())
     unknown = kinds - set(preflight.KINDS)
@@ -121,7 +134,19 @@ quiet_opt = click.option("-q", "--quiet", is_flag=True,
                          help="No progress on stderr (also FSCR_QUIET=1); errors still show.")
 
 
-@click.group()
+class _PipeClosed(Exception):
+    """stdout's reader went away. Not an OSError: click turns EPIPE into a bare exit 1."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed() from None
+
+
+@click.group(cls=_Group)
 def cli() -> None:
     """Checkpoint a process tree together with the filesystem it uses."""
 
@@ -137,7 +162,7 @@ def doctor(for_id: str | None, store: str | None, as_json: bool) -> None:
     from .store import Store
     rows = doctor_mod.run_checks()
     if for_id is not None:
-        rows += doctor_mod.for_checkpoint(Store.open(store), for_id)
+        rows += doctor_mod.for_checkpoint(Store.open(store, write=False), for_id)
     missing = [r.name for r in rows if r.essential and not r.ok]
 
     def text() -> None:
@@ -199,7 +224,8 @@ def target_opts(f: Callable) -> Callable:
 @tcp_opt
 @allow_opt
 @click.option("--id", "ckpt_id", default=None, help="Checkpoint id (default: UTC time + random).")
-@click.option("--max-freeze", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--max-freeze", type=click.FloatRange(min=0.1, max=MAX_FREEZE), default=30.0,
+              show_default=True, callback=finite,
               help="Seconds the tree may stay frozen; past that the watchdog thaws it and the "
                    "checkpoint is aborted.")
 @store_opt
@@ -369,15 +395,30 @@ cli_jobs.register(cli)
 cli_store.register(cli)
 
 
+def one_line(text: str) -> str:
+    """A message as one line: a newline or control character in a name it quotes (a path,
+    a manifest value) is shown escaped, as repr() would."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except FscrError as e:
-        err.print(f"fscr: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        err.print(f"fscr: error: {one_line(str(e))}", highlight=False, markup=False,
+                  soft_wrap=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        # One line like every other error (scripts grep stderr); --help shows the usage.
+        err.print(f"fscr: error: {one_line(e.format_message())}", highlight=False,
+                  markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except (_PipeClosed, BrokenPipeError):
+        # The reader stopped (`fscr send ID | head`, `fscr list | head -1`): quiet, as any
+        # tool a shell pipes from, with the status a SIGPIPE gives; stdout goes to /dev/null
+        # so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(BROKEN_PIPE_EXIT)
     except click.exceptions.Abort:
         err.print("fscr: aborted", markup=False)
         sys.exit(130)

@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from .cli import emit, err, json_opt, notice_unfinished, progress_printer, quiet_opt, store_opt
+from .errors import BadInput
+from .fsutil import write_atomic
 
 
 @click.command()
@@ -118,8 +120,14 @@ def schedule_install(job_file: str, every: str, systemd: bool | None, dest: str 
     job = backup_mod.load(job_file)
     systemd = backup_mod.default_systemd() if systemd is None else systemd
     where = Path(dest) if dest else backup_mod.default_dest(systemd)
-    for name, content in backup_mod.schedule_files(job, job_file, every, systemd).items():
-        (where / name).write_text(content)
+    files = backup_mod.schedule_files(job, job_file, every, systemd)
+    if not where.is_dir():
+        raise BadInput(f"{where} is not a directory: create it first (or give --dest)")
+    for name, content in files.items():
+        try:
+            write_atomic(where / name, content.encode(), mode=0o644)
+        except OSError as e:
+            raise BadInput(f"cannot write {where / name}: {e.strerror}") from None
         click.echo(f"wrote {where / name}:")
         click.echo(content)
     if systemd:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli import emit, json_opt, notice_unfinished, store_opt, summary
+from .cli import emit, err, json_opt, notice_unfinished, store_opt, summary
 from .completion import checkpoint_ids, deletable
 
 
@@ -21,7 +21,7 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
     """List checkpoints and rescue snapshots (or, with --failed, failed attempts)."""
     from .store import Store
     notice_unfinished(store)
-    st = Store.open(store)
+    st = Store.open(store, write=False)
     if failed:
         list_failed(st.root, as_json)
         return
@@ -30,7 +30,8 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
     manifests = st.list()
     rows = [summary(m) | {"type": listing.type_of(st, m), "workload": listing.workload_name(m)}
             for m in manifests]
-    rescues = st.rescues()
+    rescues = st.rescues(damaged=lambda why: err.print(f"fscr: warning: {why}", markup=False,
+                                                       highlight=False, soft_wrap=True))
     for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
         r["states"] = [state_of(r.get("kind", "btrfs"), p) for p in r["paths"]]
         r["type"], r["created"] = "rescue", listing.made_at(r["name"])
@@ -111,7 +112,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     """Show one checkpoint and its manifest digest."""
     from .store import Store
     notice_unfinished(store)
-    st = Store.open(store)
+    st = Store.open(store, write=False)
     m = st.load(ckpt_id)
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
                                   "tasks": [t.model_dump() for t in m.tasks],

@@ -62,7 +62,7 @@ def listed(store_root: Path) -> list[Copy]:
     """Every valid copy record (one that fails validation, or names what is not its own, is
     left out: it cannot be acted on)."""
     out = []
-    for p in sorted(_dir(store_root).glob("*.json")):
+    for p in sorted((store_root / "copies").glob("*.json")):  # none: no directory made
         try:
             rec = Copy.model_validate_json(p.read_bytes(), strict=True)
         except (OSError, ValidationError, ValueError):

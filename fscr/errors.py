@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 class FscrError(Exception):
-    """Base class: the message is printed as one line, the process exits with `exit_code`."""
+    """Base class: the message is printed as one line, the process exits with `exit_code`.
+    Raised itself for any other expected failure (and `fscr gc` exits so when a step
+    failed)."""
 
     exit_code = 1
 
@@ -106,9 +108,17 @@ class Refused(FscrError):
 
 
 class BadInput(FscrError):
-    """A malformed argument: a checkpoint id, a name."""
+    """A malformed argument or job file: a checkpoint id that is taken or invalid, a name,
+    an interval, a path that cannot go into a unit file."""
 
     exit_code = 16
+
+
+class BadStore(BadInput):
+    """The store is a file, cannot be created, or is a symlink or another user's."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"store: {what}")
 
 
 class FreezeTimeout(FscrError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,29 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(path: Path, error: type[Exception]) -> Path:
+    """`path` as a directory of root's, mode 0700, made if missing. One that is a symlink,
+    not a directory, or owned by another user is refused with `error`, never chmod-ed and
+    used: whoever owns it could swap what fscr writes there."""
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except FileExistsError:
+        raise error(f"{path} exists and is not a directory") from None
+    except OSError as e:
+        raise error(f"cannot create {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise error(f"{path} is a symlink or not a directory: refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise error(f"{path} is owned by uid {st.st_uid}, not by root: refusing to use it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            raise error(f"cannot make {path} private (mode 0700): {e.strerror}") from None
+    return path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -47,7 +71,7 @@ def mount_table() -> list[Mount]:
     """Every mount, from /proc/self/mountinfo, with the kernel's octal escapes (a space is
     \\040) decoded in the mount point and source."""
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             fields = pre.split(" ")

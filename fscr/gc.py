@@ -290,16 +290,23 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin["pid"],
                                  "done": not dry_run, "actions": [], "errors": []}
         report.append(entry)
+        if run.damaged is not None:  # gc undoes only what a journal it can read names
+            entry["done"] = False
+            entry["errors"].append(f"{run.damaged}: check what it names and remove it")
+            continue
         grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
         forget = f"remove journal {run.path.name}"
         if dry_run:
             try:
                 p = plan(store, run)
+                entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
+                                    for c in _criu(run)] + [w for w, _ in p.steps] + [forget]
             except FscrError as e:  # one run's trouble does not stop gc for the others
                 entry["errors"].append(f"cannot plan: {e}")
                 continue
-            entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
-                                for c in _criu(run)] + [w for w, _ in p.steps] + [forget]
+            except (KeyError, TypeError, ValueError) as e:  # an event lacks a key
+                entry["errors"].append(f"journal {run.path.name} is damaged ({e!r})")
+                continue
             entry["actions"] += [w for w, _ in p.then]
             continue
         p = None
@@ -313,6 +320,7 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
                 except FscrError as e:  # the journal stays for the next gc
                     entry["errors"].append(f"cannot plan: {e}")
                     continue
+
                 for what, do in p.steps:
                     try:
                         do()
@@ -325,6 +333,9 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         except Busy as e:
             entry["done"] = False
             entry["errors"].append(f"skipped, another run holds its lock: {e}")
+        except (KeyError, TypeError, ValueError) as e:  # an event lacks a key, or a bad value
+            entry["errors"].append(f"journal {run.path.name} is damaged ({e!r}): check what "
+                                   "it names and remove it")
         if p is not None and not entry["errors"]:
             for what, do in p.then:  # these take the locks themselves
                 try:

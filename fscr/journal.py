@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .names import ID_PATTERN
 from .process.tree import Task, read_stat
 
 KILL_AT_ENV = "FSCR_TEST_KILL_AT"
@@ -77,12 +81,26 @@ def read(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+class Begin(BaseModel):
+    """The first line of a journal: whose run it is. Read back by gc and by every command
+    (notice_unfinished), so validated: a damaged one is reported, never a Python error."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    event: Literal["begin"]
+    op: Annotated[str, Field(pattern=r"^[a-z_-]{1,32}$")]
+    id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]
+    pid: Annotated[int, Field(ge=0)]
+    starttime: Annotated[int, Field(ge=0)]
+
+
 @dataclass
 class Run:
-    """The journal of one run, read back: by gc, and by runs that must not overlap it."""
+    """The journal of one run, read back: by gc, and by runs that must not overlap it.
+    `damaged` says why its journal cannot be trusted (gc then leaves it to a human)."""
 
     path: Path
     entries: list[dict[str, Any]]
+    damaged: str | None = None
 
     @property
     def begin(self) -> dict[str, Any]:
@@ -97,21 +115,33 @@ class Run:
         return self.begin["op"]
 
     def owner_alive(self) -> bool:
-        return Task(self.begin["pid"], self.begin["starttime"]).alive()
+        return self.damaged is None and Task(self.begin["pid"], self.begin["starttime"]).alive()
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["event"] == name]
+        return [e for e in self.entries if e.get("event") == name]
+
+
+_NAME = re.compile(rf"({ID_PATTERN})\.([a-z_-]{{1,32}})\.([0-9]{{1,10}})\.jsonl")
 
 
 def runs(store_root: Path) -> list[Run]:
     out = []
     for path in sorted((store_root / "journal").glob("*.jsonl")):
-        entries = read(path)
+        entries = [e for e in read(path) if isinstance(e, dict)]
+        named = _NAME.fullmatch(path.name)
+        guess = {"event": "begin", "op": named[2] if named else "unknown",
+                 "id": named[1] if named else "unknown", "pid": 0, "starttime": 0}
         if entries and entries[0].get("event") == "begin":
-            out.append(Run(path, entries))
+            try:
+                Begin.model_validate(entries[0])
+                out.append(Run(path, entries))
+            except ValidationError as e:
+                err = e.errors()[0]
+                out.append(Run(path, [guess], damaged=f"journal {path.name} is damaged "
+                               f"(begin.{'.'.join(map(str, err['loc']))}: {err['msg']})"))
         elif path.exists():  # died before its first line was whole: nothing was done yet
-            out.append(Run(path, [{"event": "begin", "op": "unknown",
-                                   "id": path.name.split(".")[0], "pid": 0, "starttime": 0}]))
+            out.append(Run(path, [guess], damaged=None if named else
+                           f"journal {path.name} is not named as fscr names journals"))
     return out
 
 

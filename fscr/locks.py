@@ -10,16 +10,29 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import Busy
+from .errors import BadInput, Busy
 
 LOCK_DIR = Path(os.environ.get("FSCR_LOCK_DIR", "/run/fscr/locks"))
-WAIT = float(os.environ.get("FSCR_LOCK_WAIT", "5"))
+
+
+def _default_wait() -> float:
+    """FSCR_LOCK_WAIT seconds (default 5); read when a lock is taken, so a bad value is one
+    line of the command that waits, not an error at import."""
+    raw = os.environ.get("FSCR_LOCK_WAIT", "5")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= 86400:  # nan fails every comparison
+        raise BadInput(f"FSCR_LOCK_WAIT={raw[:40]!r}: use seconds from 0 to 86400")
+    return wait
 
 
 def _path(key: str) -> Path:
@@ -37,7 +50,7 @@ def hold(keys: list[str], notify: Callable[[str], None] = lambda _: None,
     """Hold every lock in `keys` (taken in sorted order: no deadlock between runs), waiting up
     to `wait` seconds for each; raise Busy naming the holder otherwise."""
     LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    wait = WAIT if wait is None else wait
+    wait = _default_wait() if wait is None else wait
     fds: list[int] = []
     try:
         for key in sorted(set(keys)):

@@ -9,10 +9,12 @@ corruption and edits, not authenticity.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,8 +32,39 @@ Id = Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
 AbsPath = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
+def recordable(v: object) -> None:
+    """Every string of a record can be written as UTF-8 JSON and passed to a system call:
+    no NUL, no lone surrogate (a file name that is not UTF-8, as os.fsdecode gives it)."""
+    if isinstance(v, str):
+        if "\0" in v:
+            raise ValueError(f"holds a NUL byte: {v[:80]!r}")
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"is not UTF-8: {v[:80]!r}") from None
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            recordable(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            recordable(k)
+            recordable(x)
+
+
 class Record(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
+
+    @field_validator("*")
+    @classmethod
+    def _strings(cls, v: object) -> object:
+        if not isinstance(v, BaseModel):  # nested records check their own strings
+            recordable(v)
+        return v
+
+
+def describe(text: str, limit: int = 4096) -> str:
+    """A description (of a leak) cut to what a manifest holds: a long path stays readable."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _absolute_clean(v: str) -> str:
@@ -144,11 +177,21 @@ class NetnsRecord(Record):
         return self
 
 
+def _aware_time(v: str) -> str:
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {v[:80]!r}") from None
+    if t.tzinfo is None:
+        raise ValueError(f"has no time zone: {v[:80]!r}")
+    return v
+
+
 class Manifest(Record):
     schema_version: Literal[1]
     id: Id
-    created: str
-    hostname: str
+    created: Annotated[str, Field(max_length=64), AfterValidator(_aware_time)]
+    hostname: Annotated[str, Field(max_length=255)]
     job: Id | None  # the backup job that made it, if any
     backend: Literal["criu", "freeze-only"]
     snapshot: Literal["btrfs", "lvm", "none"]

@@ -150,7 +150,7 @@ def _hidden_holders() -> dict[tuple[int, int], set[int]]:
     out: dict[tuple[int, int], set[int]] = {}
     for pid in all_pids():
         try:
-            with open(f"/proc/{pid}/maps") as f:
+            with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
                 lines = f.read().splitlines()
             fds = os.listdir(f"/proc/{pid}/fd")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -275,7 +275,7 @@ def _hidden(kind: str, pid: int, what: str, obj: tuple[int, int], tree: set[int]
 def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Report,
                seen: set[tuple[int, int]], shared_ipc: bool) -> None:
     try:
-        lines = open(f"/proc/{t.pid}/maps").read().splitlines()
+        lines = open(f"/proc/{t.pid}/maps", errors="surrogateescape").read().splitlines()
     except (FileNotFoundError, ProcessLookupError):
         return
     for line in lines:
@@ -386,7 +386,7 @@ CAP_SYS_RESOURCE = 24
 def _ids(pid: int) -> tuple[str, str] | None:
     """The Uid: and Gid: lines of /proc/PID/status (real, effective, saved, fs)."""
     try:
-        lines = open(f"/proc/{pid}/status").read().splitlines()
+        lines = open(f"/proc/{pid}/status", errors="surrogateescape").read().splitlines()
     except (FileNotFoundError, ProcessLookupError):
         return None
     got = {ln.split(":")[0]: " ".join(ln.split()[1:4]) for ln in lines

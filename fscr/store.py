@@ -19,22 +19,29 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError
 
 from . import origins
-from .errors import BadInput, BadManifest, FscrError, NoSuchCheckpoint, NotRoot
-from .fsutil import sha256_files, write_atomic
-from .manifest import ImageFile, Manifest, digest
-from .names import check_id, is_rescue
+from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, NotRoot
+from .fsutil import private_dir, sha256_files, write_atomic
+from .manifest import AbsPath, ImageFile, Manifest, Record, digest
+from .names import RESCUE_PATTERN, check_id, is_rescue
 
 DEFAULT = Path("/var/lib/fscr")
 
 
 def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.is_symlink() or not path.is_dir():
-        raise FscrError(f"{path} is not a directory")
-    os.chmod(path, 0o700)
-    return path
+    return private_dir(path, BadStore)
+
+
+class RescueRecord(Record):
+    """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`)."""
+
+    name: Annotated[str, Field(pattern=rf"^{RESCUE_PATTERN}$")]
+    paths: list[AbsPath]
+    kind: Literal["btrfs", "lvm", "none"] = "btrfs"
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,29 @@ class Store:
     root: Path
 
     @classmethod
-    def open(cls, root: str | Path | None = None) -> Store:
+    def open(cls, root: str | Path | None = None, write: bool = True) -> Store:
+        """The store at `root` (or $FSCR_STORE, or the default), made if missing. `write`:
+        the caller will write to it; a read-only one (a backup disk) is then refused in one
+        line, while list, show and send read it."""
         if os.geteuid() != 0:
             raise NotRoot("fscr must run as root (its store is root-only)")
-        root = Path(root or os.environ.get("FSCR_STORE") or DEFAULT)
+        given = str(root or os.environ.get("FSCR_STORE") or DEFAULT)
+        if "\0" in given:
+            raise BadStore(f"{given!r} holds a NUL byte")
+        root = Path(os.path.abspath(given))
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except FileExistsError:
+            raise BadStore(f"{root} exists and is not a directory") from None
+        except OSError as e:
+            raise BadStore(f"cannot create {root}: {e.strerror}") from None
         _private_dir(root)
         _private_dir(root / "checkpoints")
         _private_dir(root / "journal")
         _private_dir(root / "rescues")
         _private_dir(root / "lineages")
+        if write and not os.access(root / "journal", os.W_OK):  # EROFS, even for root
+            raise BadStore(f"{root} is read-only here: this command writes to the store")
         return cls(root)
 
     def dir(self, ckpt_id: str) -> Path:
@@ -62,13 +83,21 @@ class Store:
     def exists(self, ckpt_id: str) -> bool:
         return self.dir(ckpt_id).exists()
 
+    def check_free(self, ckpt_id: str) -> None:
+        """Ids are unique in a store: a taken one is refused (one error, one exit code)."""
+        if self.exists(ckpt_id):
+            raise self._taken(ckpt_id)
+
+    def _taken(self, ckpt_id: str) -> BadInput:
+        return BadInput(f"checkpoint id {ckpt_id} already exists in {self.root}")
+
     def reserve(self, ckpt_id: str) -> Path:
         """Create the checkpoint's directory; fails if the id is taken (ids are unique)."""
         d = self.dir(ckpt_id)
         try:
             d.mkdir(mode=0o700)
         except FileExistsError:
-            raise BadInput(f"checkpoint id {ckpt_id} already exists in {self.root}") from None
+            raise self._taken(ckpt_id) from None
         (d / "images").mkdir(mode=0o700)
         return d
 
@@ -107,8 +136,9 @@ class Store:
         try:
             raw = (d / "manifest.json").read_bytes()
             want = (d / "manifest.json.sha256").read_text().split()[0]
-        except (FileNotFoundError, IndexError):
-            raise BadManifest(f"checkpoint {ckpt_id}: manifest or its digest is missing") from None
+        except (OSError, IndexError, UnicodeDecodeError):  # missing, a directory, garbage
+            raise BadManifest(f"checkpoint {ckpt_id}: manifest or its digest is missing or "
+                              "unreadable") from None
         if digest(raw) != want:
             raise BadManifest(f"checkpoint {ckpt_id}: manifest.json does not match its sha256")
         m = Manifest.from_bytes(raw, f"checkpoint {ckpt_id}")
@@ -165,13 +195,21 @@ class Store:
         data = json.dumps({"name": name, "paths": paths, "kind": kind}).encode()
         write_atomic(self._rescue_file(name), data)
 
-    def rescues(self) -> list[dict]:
+    def rescues(self, damaged: Callable[[str], None] | None = None) -> list[dict]:
+        """The rescue records, validated; a damaged one is left out, and `damaged` (if
+        given) told why, in one line."""
         out = []
         for p in sorted((self.root / "rescues").glob("*.json")):
             try:
-                out.append(json.loads(p.read_text()))
-            except (json.JSONDecodeError, OSError):
+                rec = RescueRecord.model_validate_json(p.read_bytes(), strict=True)
+                if f"{rec.name}.json" != p.name:
+                    raise ValueError(f"it names rescue {rec.name}")
+            except (OSError, ValueError) as e:  # ValidationError is a ValueError
+                if damaged is not None:
+                    why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+                    damaged(f"rescue record {p.name} is damaged ({why}): ignored")
                 continue
+            out.append(rec.model_dump())
         return out
 
     def remove_rescue(self, name: str) -> None:

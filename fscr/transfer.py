@@ -19,6 +19,7 @@ removes what a killed receive left.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,13 +28,16 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Annotated, BinaryIO, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import snapshot
-from .errors import BadManifest, BadStream, FscrError, MissingParent, Refused
+from .errors import BadManifest, BadStream, FscrError, MissingParent, NoSpace, Refused
+from .fsutil import private_dir
 from .journal import Journal
 from .manifest import Manifest
-from .names import check_id, snapshot_path
+from .names import ID_PATTERN, check_id, snapshot_path
 from .pipeline.common import Progress, quiet, require_root
 from .progress import Meter, meter
 from .store import Store
@@ -77,7 +81,7 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
          store_dir: str | None = None, progress: Progress = quiet) -> Sent:
     """Write checkpoint `ckpt_id` as a stream to `out` (incremental against `parent`)."""
     require_root()
-    store = Store.open(store_dir)
+    store = Store.open(store_dir, write=False)
     m = store.load(check_id(ckpt_id))
     if m.snapshot == "lvm":
         raise Refused(f"checkpoint {m.id} holds LVM snapshots: send carries btrfs snapshots "
@@ -109,17 +113,52 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         try:
             s.record({"type": "volume", "n": v.n, "parent": parent}, _reader(proc.stdout))
+        except BaseException:
+            proc.kill()  # our reader went away: btrfs send's failure is not the news
+            proc.wait()
+            raise
         finally:
             proc.stdout.close()
             err = proc.stderr.read().decode(errors="replace").strip()
             proc.stderr.close()
-            if proc.wait() != 0:
-                raise FscrError(f"btrfs send of {v.snapshot} failed: {err}")
+        if proc.wait() != 0:
+            raise FscrError(f"btrfs send of {v.snapshot} failed: {err}")
     digest = s.h.hexdigest()
     s.write(json.dumps({"type": "end", "sha256": digest}).encode() + b"\n")
     out.flush()
     sent.finish()
     return Sent(m.id, parent, s.bytes)
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class ManifestHeader(_Header):
+    type: Literal["manifest"]
+
+
+class ImageHeader(_Header):
+    type: Literal["image"]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,255}$")]
+
+
+class VolumeHeader(_Header):
+    type: Literal["volume"]
+    n: Annotated[int, Field(ge=0)]
+    parent: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")] | None
+
+
+class EndHeader(_Header):
+    type: Literal["end"]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+# A record header, validated like a manifest: a wrong type, a missing or extra key, or JSON
+# nested deeper than pydantic's parser allows is one BadStream, never a Python error.
+Header = Annotated[ManifestHeader | ImageHeader | VolumeHeader | EndHeader,
+                   Field(discriminator="type")]
+_HEADER: TypeAdapter[Header] = TypeAdapter(Header)
 
 
 class _In:
@@ -145,14 +184,14 @@ class _In:
         self.shown.advance(len(data))
         return data
 
-    def header(self) -> dict:
+    def header(self) -> Header:
         try:
-            h = json.loads(self.line())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadStream("the stream is corrupt (a record header is not JSON)") from None
-        if not isinstance(h, dict) or "type" not in h:
-            raise BadStream("the stream is corrupt (a record header has no type)")
-        return h
+            return _HEADER.validate_json(self.line(), strict=True)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "(top)"
+            raise BadStream(f"the stream is corrupt (a record header is invalid at {where}: "
+                            f"{err['msg']})") from None
 
     def payload(self, sink: Callable[[bytes], None], limit: int | None = None) -> int:
         total = 0
@@ -181,8 +220,7 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
     s = _In(inp, received)
     if s.line(64) != MAGIC:
         raise BadStream("not an fscr stream, or one of a version this fscr does not read")
-    h = s.header()
-    if h["type"] != "manifest":
+    if not isinstance(s.header(), ManifestHeader):
         raise BadStream("the stream is corrupt (it does not start with a manifest)")
     raw = bytearray()
     s.payload(raw.extend, limit=16 << 20)
@@ -190,8 +228,7 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
         m = Manifest.from_bytes(bytes(raw), "received manifest")
     except BadManifest as e:
         raise BadStream(f"the stream is corrupt: {e}") from None
-    if store.exists(m.id):
-        raise FscrError(f"checkpoint {m.id} already exists in {store.root}")
+    store.check_free(m.id)
     if m.snapshot == "lvm":  # fscr send never writes one: the stream was made by hand
         raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
     provider = snapshot.get(m.snapshot)
@@ -225,38 +262,51 @@ def _receive_rest(s: _In, store: Store, m: Manifest, journal: Journal, made: lis
     while True:
         before = s.h.hexdigest()  # the end record checks everything before its own line
         h = s.header()
-        if h["type"] == "image":
-            name = h.get("name")
-            if name not in listed or (store.images(m.id) / name).exists():
-                raise BadStream(f"the stream carries an unexpected image {name!r}")
-            fd = os.open(store.images(m.id) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | os.O_NOFOLLOW, 0o600)
-            try:
-                s.payload(lambda data, fd=fd: os.write(fd, data), limit=listed[name])
-            finally:
-                os.close(fd)
-        elif h["type"] == "volume":
+        if isinstance(h, ImageHeader):
+            _receive_image(s, store, m, h.name, listed, progress)
+        elif isinstance(h, VolumeHeader):
             _receive_volume(s, store, m, h, journal, made, progress)
-        elif h["type"] == "end":
-            if h.get("sha256") != before:
+        elif isinstance(h, EndHeader):
+            if h.sha256 != before:
                 raise BadStream("the stream is corrupt: its sha256 does not match")
             if s.f.read(1):
                 raise BadStream("the stream is corrupt: data follows its end record")
             return
         else:
-            raise BadStream(f"the stream is corrupt (unknown record {h['type']!r})")
+            raise BadStream("the stream is corrupt (a second manifest record)")
 
 
-def _receive_volume(s: _In, store: Store, m: Manifest, h: dict, journal: Journal,
+def _receive_image(s: _In, store: Store, m: Manifest, name: str, listed: dict[str, int],
+                   progress: Progress) -> None:
+    if name not in listed or (store.images(m.id) / name).exists():
+        raise BadStream(f"the stream carries an unexpected image {name!r}")
+    path = store.images(m.id) / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        s.payload(lambda data: _write_all(fd, data), limit=listed[name])
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left for the images in {store.root}") from None
+        raise FscrError(f"cannot write image {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _receive_volume(s: _In, store: Store, m: Manifest, h: VolumeHeader, journal: Journal,
                     made: list[Path], progress: Progress) -> None:
-    n = h.get("n")
-    if not isinstance(n, int) or not 0 <= n < len(m.volumes):
+    n = h.n
+    if not n < len(m.volumes):
         raise BadStream("the stream is corrupt (a volume record names no volume)")
     v = m.volumes[n]
     dest = snapshot_path(Path(v.path), m.id, n)
-    parent = h.get("parent")
+    parent = h.parent
     if parent is not None:
-        check_id(parent)
         base = snapshot_path(Path(v.path), parent, n)
         if not store.committed(parent) or not base.exists():
             raise MissingParent(f"the stream is incremental against checkpoint {parent}, "
@@ -264,18 +314,19 @@ def _receive_volume(s: _In, store: Store, m: Manifest, h: dict, journal: Journal
     _btrfs_parent(Path(v.path))
     if dest.exists():
         raise BadStream(f"{dest} already exists here")
-    dest.parent.parent.mkdir(mode=0o700, exist_ok=True)
-    dest.parent.mkdir(mode=0o700, exist_ok=True)
+    private_dir(dest.parent.parent, Refused)  # .fscr-snapshots: root's own, never a symlink
+    private_dir(dest.parent, Refused)
     progress(f"volume {v.path}")
     journal.note("subvolume", path=str(dest))
     made.append(dest)
     proc = subprocess.Popen(["btrfs", "receive", "-q", str(dest.parent)],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    died = False
     try:
         s.payload(proc.stdin.write)
     except BrokenPipeError:
-        pass  # btrfs receive stopped reading (a damaged stream, say): its error says why
+        died = True  # btrfs receive gave up mid-stream: its stderr says why
     except BaseException:
         proc.kill()
         raise
@@ -287,8 +338,9 @@ def _receive_volume(s: _In, store: Store, m: Manifest, h: dict, journal: Journal
         err = proc.stderr.read().decode(errors="replace").strip()
         proc.stderr.close()
         code = proc.wait()
-    if code != 0:
-        raise BadStream(f"btrfs receive of volume {v.path} failed: {err}")
+    if code != 0 or died:
+        raise BadStream(f"btrfs receive of volume {v.path} failed: "
+                        f"{err or 'it stopped reading the stream'}")
     if not dest.exists():
         raise BadStream(f"the stream's snapshot of {v.path} is not named {dest.name}")
 

@@ -231,8 +231,8 @@ def take_pid(pid: int) -> subprocess.Popen[bytes]:
 
 def alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        with open(f"/proc/{pid}/stat", "rb") as f:  # comm may be any bytes
+            return f.read().rsplit(b")", 1)[1].split()[0] not in b"ZX"
     except FileNotFoundError:
         return False
 

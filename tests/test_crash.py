@@ -233,6 +233,16 @@ def test_copy_path_preserves_an_unlinked_file(btrfs_volume, workloads, store):
     assert after == before
 
 
+def _open_by(pid: int) -> list[str]:
+    out = []
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def test_a_held_lock_makes_a_second_run_fail_clearly_or_wait(btrfs_volume, workloads, store):
     from fscr import locks
     from fscr.pipeline import volume_lock
@@ -249,7 +259,11 @@ def test_a_held_lock_makes_a_second_run_fail_clearly_or_wait(btrfs_volume, workl
                                     str(vol), "--id", "waited"], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env=os.environ | {"FSCR_STORE": str(store)})
-        wait_for(lambda: any(Path(f"/proc/{waiting.pid}").exists() for _ in [0]), 5)
+        # It waits: it has the volume's lock file open (it got that far) and holds no lock
+        # (this process does), so it made no checkpoint yet.
+        lock = str(locks._path(volume_lock(vol)))
+        wait_for(lambda: lock in _open_by(waiting.pid), 4, "the second run to reach the lock")
+        assert waiting.poll() is None and not (store / "checkpoints" / "waited").exists()
     stdout, _ = waiting.communicate(timeout=60)
     assert waiting.returncode == 0 and stdout.strip() == "waited"
     assert alive(pid)

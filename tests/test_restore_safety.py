@@ -185,3 +185,28 @@ def test_run_with_an_unopenable_log_fails_cleanly(workloads):
                check=False)
     assert out.returncode == 16 and "cannot open log" in out.stderr
     assert not freezer.at("/fscr/badlog").exists()
+
+
+def test_a_record_naming_the_root_cgroup_or_fscrs_own_is_refused(btrfs_volume, workloads,
+                                                                  store):
+    """This host's record under the store is a file too: one rewritten to name the root
+    cgroup, or a cgroup holding fscr's ancestors (this test's), makes restore refuse before
+    --replace kills anything; put back, the restore into the recorded cgroup works."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    home = freezer.cgroup_of(pid).rel
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    origin = store / "origins" / f"{m['id']}.json"
+    kept = origin.read_bytes()
+    rec = json.loads(kept)
+    for cg in ("/", freezer.cgroup_of(os.getpid()).rel):
+        rec["cgroup"] |= {"path": cg, "original": cg}
+        origin.write_text(json.dumps(rec))
+        out = fscr("restore", m["id"], "--replace", store=store, check=False)
+        assert out.returncode == 15 and "refusing to restore into it" in out.stderr, out.stderr
+        assert alive(pid) and freezer.cgroup_of(pid).rel == home
+    origin.write_bytes(kept)
+    r = restore(store, m["id"], "--replace")
+    assert r["pid"] == pid and freezer.cgroup_of(pid).rel == home
+

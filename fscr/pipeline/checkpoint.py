@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import CriuFailed, FreezeTimeout, Refused
+from ..errors import BadVolume, CriuFailed, FreezeTimeout, Refused
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -27,6 +29,8 @@ from ..manifest import (
     TaskRecord,
     UnchangedRecord,
     VolumeRecord,
+    describe,
+    recordable,
 )
 from ..names import check_id, relink_name
 from ..process import netns
@@ -68,6 +72,21 @@ class CheckpointRequest:
     max_freeze: float = 30.0
 
 
+def _volumes(req: CheckpointRequest) -> list[Path]:
+    """The volumes as real absolute paths. An empty one is refused (it would silently mean
+    the current directory), and one a manifest cannot record (NUL, not UTF-8)."""
+    out = []
+    for v in req.volumes:
+        if not v:
+            raise BadVolume("a volume is the empty string: name its directory")
+        try:
+            recordable(v)
+        except ValueError as e:
+            raise BadVolume(f"volume {v!r} {e}") from None
+        out.append(Path(os.path.realpath(v)))
+    return out
+
+
 def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     """Checkpoint the target tree and its volumes at one frozen instant.
 
@@ -77,7 +96,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     """
     require_root()
     store = Store.open(req.store)
-    ckpt_id = check_id(req.id) if req.id else new_id()
+    ckpt_id = check_id(req.id) if req.id is not None else new_id()  # "" is no id
     provider = snapshot.get(req.snapshot, size=req.lvm_size)
     backend = backends.get(req.backend)
     if req.kill and not backend.writes_image:
@@ -87,7 +106,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
                       "from its image (CRIU kills the tree with the connections silenced)")
     # realpath: a manifest holds clean absolute paths, and the snapshots go beside the real
     # directory, not beside a symlink to it.
-    volumes = list(dict.fromkeys(Path(os.path.realpath(v)) for v in req.volumes))
+    volumes = list(dict.fromkeys(_volumes(req)))
     for vol in volumes:
         provider.check(vol)
     backend.check()
@@ -106,13 +125,14 @@ def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     options would be refused (None if it would pass). Freezes nothing."""
     require_root()
     provider = snapshot.get(req.snapshot)
-    volumes = [Path(os.path.realpath(v)) for v in req.volumes]
+    volumes = _volumes(req)
     for vol in volumes:
         provider.check(vol)
     root, _ = resolve(req.target)
     tree = descendants(root)
-    run = _Checkpoint(req, Store.open(req.store), "check", provider, backends.get(req.backend),
-                      volumes, root, Timings(), placement=netns.classify(root, set()))
+    run = _Checkpoint(req, Store.open(req.store, write=False), "check", provider,
+                      backends.get(req.backend), volumes, root, Timings(),
+                      placement=netns.classify(root, set()))
     try:
         run.preflight(tree)
     except Refused as e:
@@ -246,6 +266,7 @@ class _Checkpoint:
         lives outside the checkpoint unless its kind is allowed, and TCP connections under
         --tcp refuse. A freeze-only checkpoint restores no process: nothing to refuse."""
         self.report = preflight.run(tasks, {os.stat(v).st_dev for v in self.volumes})
+        self.recorded()  # a name the manifest cannot hold is refused now, not after the dump
         if not self.backend.writes_image:
             return
         apart = [t.pid for t in tasks if not shares_mine(t.pid)]
@@ -335,8 +356,27 @@ class _Checkpoint:
         self.committed = True
         return m
 
+    def recorded(self) -> tuple[list[LeakRecord], list[UnchangedRecord]]:
+        """The preflight's findings as manifest records; a path that is not UTF-8 or holds
+        a NUL byte cannot be recorded (nor reopened from a manifest): refused."""
+        try:
+            return ([LeakRecord(**(asdict(x) | {"what": describe(x.what),
+                                               "detail": describe(x.detail)}))
+                     for x in self.report.leaks],
+                    [UnchangedRecord(**asdict(u)) for u in self.report.unchanged])
+        except ValidationError as e:
+            raise Refused(f"the tree uses a file fscr cannot record: {_first(e)}") from None
+
     def manifest(self, window: float) -> Manifest:
         tasks, cg = self.tasks, self.cg
+        leaks, unchanged = self.recorded()
+        try:
+            return self._manifest(window, tasks, cg, leaks, unchanged)
+        except ValidationError as e:  # the run's undo removes what it made
+            raise Refused(f"the checkpoint cannot be recorded: {_first(e)}") from None
+
+    def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
+                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord]) -> Manifest:
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
         written = bytes_in(self.store.images(self.id))  # none yet in a --tcp established draft
         with meter(self.t.progress if written else quiet, "checksum", written) as m:
@@ -362,8 +402,8 @@ class _Checkpoint:
             tcp=self.req.tcp,
             sockets=[SocketRecord(**s.as_dict()) for s in self.report.sockets],
             allowed=sorted(self.req.allow),
-            leaks=[LeakRecord(**asdict(x)) for x in self.report.leaks],
-            unchanged=[UnchangedRecord(**asdict(u)) for u in self.report.unchanged],
+            leaks=leaks,
+            unchanged=unchanged,
             needs=sorted(self.report.needs),
             netns=NetnsRecord(
                 treatment=p.treatment, inode=p.inode, path=p.path,
@@ -376,3 +416,8 @@ class _Checkpoint:
             durations=dict(self.t.seconds, freeze_window=round(window, 6)),
         )
 
+
+
+def _first(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"{'.'.join(str(x) for x in err['loc']) or '(top)'} {err['msg']}"

@@ -10,17 +10,38 @@ group if that is free (`fscr/NAME` of `fscr run --name`), else to `fscr/restored
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import origins
-from ..errors import Refused
+from ..errors import FscrError, Refused
 from ..manifest import Manifest
 from ..names import FSCR_GROUP
 from ..process import freezer, netns
-from ..process.tree import Task
+from ..process.tree import Task, ancestors
 
 # Names fscr gives its own passing cgroups: a received tree never lands in one of those.
 _PASSING = ("ckpt_", "copy_", "restored_", "run_")
+
+
+def _refuse_unsafe(m: Manifest, cg: origins.CgroupOf) -> origins.CgroupOf:
+    """Even a record of this host never names the root cgroup, nor one that holds fscr or
+    one of its ancestors: a record under a store is a file, and a restore into such a
+    cgroup (or a --replace that kills what it holds) would reach far outside the tree."""
+    mine = set()
+    for pid in ancestors(os.getpid()):
+        try:
+            mine.add(freezer.cgroup_of(pid).rel)
+        except FscrError:
+            continue  # gone meanwhile, or in no freezer hierarchy
+    for path in {cg.path, cg.original}:
+        inside = [c for c in mine if c == path or c.startswith(path.rstrip("/") + "/")]
+        if path.strip("/") == "" or inside:
+            what = "the root cgroup" if path.strip("/") == "" else f"cgroup {path}, which " \
+                   f"holds fscr or one of its ancestors ({inside[0]})"
+            raise Refused(f"checkpoint {m.id}: this host's record names {what}: refusing to "
+                          "restore into it or kill what it holds")
+    return cg
 
 
 def killable(store_root: Path, m: Manifest) -> tuple[list[Task], set[str]]:
@@ -29,15 +50,16 @@ def killable(store_root: Path, m: Manifest) -> tuple[list[Task], set[str]]:
     rec = origins.of(store_root, m.id)
     if rec is None:
         return [], set()
+    cg = _refuse_unsafe(m, rec.cgroup)
     tasks = [Task(p, s) for p, s in origins.live_tasks(store_root, rec)]
-    return tasks, {rec.cgroup.path, rec.cgroup.original}
+    return tasks, {cg.path, cg.original}
 
 
 def cgroup_for(store_root: Path, m: Manifest) -> origins.CgroupOf:
     """Where the restored tree goes (path) and where it is moved afterwards (original)."""
     rec = origins.of(store_root, m.id)
     if rec is not None:
-        return rec.cgroup
+        return _refuse_unsafe(m, rec.cgroup)
     kind = freezer.hierarchy()[0]
     own = m.cgroup.original.strip("/").split("/")
     if len(own) == 2 and own[0] == FSCR_GROUP and not own[1].startswith(_PASSING):

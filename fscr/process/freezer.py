@@ -106,7 +106,7 @@ def cgroup_of(pid: int) -> Cgroup:
     """The cgroup of `pid` in the freezer hierarchy fscr uses."""
     kind, root = hierarchy()
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/cgroup").read_text(errors="surrogateescape").splitlines()
     except FileNotFoundError:
         raise BadTarget(f"no such process: {pid}") from None
     for line in lines:
@@ -129,9 +129,12 @@ def from_user_path(path: str) -> Cgroup:
     kind, root = hierarchy()
     p = Path(path)
     full = p if p.is_absolute() and p.is_relative_to(root) else root / path.lstrip("/")
-    if not full.is_dir():
+    # "..", or a symlink, must not lead out of the hierarchy: fscr writes cgroup files there.
+    full = Path(os.path.normpath(full))
+    if not (full.is_relative_to(root) and full.is_dir()
+            and full.resolve().is_relative_to(root.resolve())):
         raise BadTarget(f"no such cgroup: {path}")
-    if full.resolve() == root.resolve():
+    if full == root:
         raise BadTarget("refusing to freeze the root cgroup")
     return Cgroup(kind, full)
 

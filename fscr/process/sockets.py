@@ -83,7 +83,7 @@ def _inet(pid: int, family: str, wanted: set[int]) -> dict[int, tuple[str, str, 
     entries, and this runs inside the frozen window."""
     out = {}
     try:
-        lines = open(f"/proc/{pid}/net/{family}").read().splitlines()[1:]
+        lines = open(f"/proc/{pid}/net/{family}", errors="surrogateescape").read().splitlines()[1:]
     except (FileNotFoundError, ProcessLookupError):
         return out
     for line in lines:

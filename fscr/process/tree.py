@@ -29,7 +29,7 @@ class Stat:
 def read_stat(pid: int) -> Stat | None:
     """The parsed /proc/PID/stat, or None when the process is gone."""
     try:
-        raw = (PROC / str(pid) / "stat").read_text()
+        raw = (PROC / str(pid) / "stat").read_text(errors="surrogateescape")  # comm: any bytes
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm may hold spaces and parentheses: it ends at the last ')'.
@@ -110,7 +110,7 @@ def is_pidns_init(pid: int) -> bool:
     """Whether `pid` is the init (PID 1) of a PID namespace below the host's (`fscr run
     --pidns`): CRIU then dumps the namespace, and restores recreate it."""
     try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
+        for line in (PROC / str(pid) / "status").read_text(errors="surrogateescape").splitlines():
             if line.startswith("NSpid:"):
                 ids = line.split()[1:]
                 return len(ids) > 1 and ids[-1] == "1"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import btrfsutil
 
-from ..errors import BadManifest, BadVolume, NoSpace, SnapshotFailed
-from ..fsutil import mount_at
+from ..errors import BadManifest, BadVolume, NoSpace, Refused, SnapshotFailed
+from ..fsutil import mount_at, private_dir
 from ..names import rescue_path, snapshot_path
 
 RENAME_EXCHANGE = 2
@@ -36,8 +36,7 @@ def _rmdir_quietly(path: Path) -> None:
 
 
 def _mkdir_private(path: Path) -> None:
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    private_dir(path, Refused)
 
 
 class Btrfs:
