@@ -287,7 +287,8 @@ def schedule_files(job: Job, job_path: str, every_spec: str, systemd: bool) -> d
                 f"Description=fscr backup job {job.name}\n\n"
                 "[Service]\n"
                 "Type=oneshot\n"
-                f"ExecStart={_systemd_word(exe)} backup {_systemd_word(path)}\n"
+                # --quiet: the journal (or cron's mail) gets the run's one summary line, not progress
+                f"ExecStart={_systemd_word(exe)} backup --quiet {_systemd_word(path)}\n"
                 # 20: skipped, another run of this job still runs: not a failure
                 "SuccessExitStatus=20\n"),
             f"{unit_name}.timer": (
@@ -303,7 +304,7 @@ def schedule_files(job: Job, job_path: str, every_spec: str, systemd: bool) -> d
     minute, hour, day = _cron_fields(n, unit, every_spec)
     return {unit_name: (f"# fscr backup job {job.name}, every {n}{unit}\n"
                         "SHELL=/bin/sh\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
-                        f"{minute} {hour} {day} * * root {_cron_word(exe)} backup "
+                        f"{minute} {hour} {day} * * root {_cron_word(exe)} backup --quiet "
                         f"{_cron_word(path)}\n")}
 
 

@@ -224,7 +224,7 @@ def test_a_job_path_reaches_cron_and_systemd_as_one_word(name, tmp_path):
     argv0 = shlex.split(cmd)[0]
     cmd = cmd.replace(shlex.quote(argv0), "printf '%s\\n'", 1)
     got = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, check=True)
-    assert got.stdout.splitlines() == ["backup", str(p)]
+    assert got.stdout.splitlines() == ["backup", "--quiet", str(p)]
 
     dest = tmp_path / "systemd"
     dest.mkdir()
@@ -233,7 +233,7 @@ def test_a_job_path_reaches_cron_and_systemd_as_one_word(name, tmp_path):
     exec_start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
     words = [w.replace("%%", "%").replace("$$", "$")
              for w in shlex.split(exec_start.removeprefix("ExecStart="))]
-    assert words[1:] == ["backup", str(p)]
+    assert words[1:] == ["backup", "--quiet", str(p)]
     if shutil.which("systemd-analyze"):
         check = subprocess.run(["systemd-analyze", "verify", str(dest / "fscr-backup-app.service"),
                                 str(dest / "fscr-backup-app.timer")],
