@@ -90,6 +90,23 @@ def test_checkpoint_killed_at_each_stage_is_recovered_by_gc(event, btrfs_volume,
     assert relinks_on(vol) == []
 
 
+@pytest.mark.parametrize("event", ["freeze", "relink", "snapshot"])
+def test_criu_killed_while_it_holds_the_tree_leaves_it_running(event, btrfs_volume, workloads,
+                                                                 store):
+    # CRIU dies at its pre-dump (freeze) or post-dump (relink, snapshot) notification, fscr
+    # alive: the run fails with CRIU's death, the tree runs on, nothing is left.
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash",
+               store=store, check=False, env={"FSCR_TEST_KILL_CRIU_AT": event})
+    assert out.returncode == 7 and "CRIU dump failed" in out.stderr, out.stderr
+    gc(store)
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    counts_cleanly(vol / "history")
+    assert residue(vol, store, "crash") == CLEAN
+
+
 @pytest.mark.parametrize("event", ["move", "dump"])
 def test_killed_checkpoint_of_a_tree_sharing_its_cgroup_puts_it_back(event, btrfs_volume,
                                                                      workloads, store):

@@ -32,7 +32,7 @@ from ..errors import CriuFailed, MissingDependency, NoSpace
 from ..process.mountns import chain, private_binds
 from ..process.netns import entering
 from . import DumpHooks, DumpRequest, RestoreRequest
-from .criu_log import explain, mentions
+from .criu_log import explain, explains, mentions
 
 MIN_VERSION = (4, 2, 1)
 # Where scripts/setup installs it; FSCR_CRIU_PREFIX moves it, for setup and fscr alike.
@@ -201,6 +201,8 @@ class Swrk:
                            f"(log: {self.log})")
         why = explain(self.log, self.stderr_text())
         own = resp.cr_errmsg.strip().rstrip(".") if resp.HasField("cr_errmsg") else ""
+        if own and not explains(own):
+            own = ""
         if why.cause == "CRIU gave no message":
             cause = own or why.cause
         else:
@@ -254,8 +256,9 @@ def _dir_fd(path: Path) -> int:
 
 def _base_opts(images: int, work: int, log: Path, level: int,
                options: frozenset[str], tcp: str) -> Any:
-    """What dump and restore share: where images and log go, the stages as notifications,
-    what preflight found the tree needs (a terminal, file locks, unix sockets whose peer is
+    """What dump and restore share: where images and log go (directories CRIU opens as
+    /proc/<fscr>/fd/N; the log is named in the work dir), the stages as notifications, what
+    preflight found the tree needs (a terminal, file locks, unix sockets whose peer is
     outside, restored disconnected) and the TCP mode."""
     opts = rpc().criu_opts(images_dir_fd=images, work_dir_fd=work, log_file=log.name,
                            log_level=level, notify_scripts=True)
@@ -336,6 +339,8 @@ class Criu:
             # reads only the errors; at info level the log of 10 processes of 64 MB is 9 MB
             # and costs 0.2 s.
             opts = _base_opts(images, work, req.log, 2, req.options, req.tcp)
+            if req.binds:
+                _by_path(opts, req.images, req.log.parent)
             for fd, key in req.inherit:
                 opts.inherit_fd.add(key=key, fd=fd)
             if req.cgroup is not None:
@@ -363,7 +368,25 @@ class Criu:
         finally:
             os.close(images)
             os.close(work)
+            (req.log.parent / _CONF).unlink(missing_ok=True)
         return resp.restore.pid
+
+
+_CONF = "criu-rpc.conf"
+
+
+def _by_path(opts: Any, images: Path, work: Path) -> None:
+    """Name the image and work directories by path, not by fscr's fds: a CRIU started in a
+    mount namespace of its own (restore --beside) reaching its work dir through
+    /proc/<fscr>/fd/N lands on a mount of fscr's namespace, where it cannot mount its cgroup
+    yard (EINVAL). The work dir has no RPC field of its own: only CRIU's RPC config file
+    sets it by path."""
+    opts.images_dir_fd = -1
+    opts.images_dir = str(images)
+    opts.ClearField("work_dir_fd")
+    conf = work / _CONF
+    conf.write_text(f"work-dir {work}\n")
+    opts.config_file = str(conf)
 
 
 def _write_pid(path: Path, pid: int) -> None:

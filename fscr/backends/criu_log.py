@@ -67,7 +67,7 @@ def explain(log: Path, stderr: str = "") -> Explained:
     """The first error of CRIU's log that explains its failure; else its last error line, or
     its stderr. Never empty."""
     errors = [m.group(1) for ln in _read(log) if (m := _ERROR.match(ln.strip()))]
-    causes = [e for e in errors if not _NOISE.search(e) and not _SUMMARY.search(e)]
+    causes = [e for e in errors if explains(e)]
     if causes:
         cause = causes[0]
     elif errors:
@@ -76,6 +76,11 @@ def explain(log: Path, stderr: str = "") -> Explained:
         cause = (stderr.strip().splitlines() or ["CRIU gave no message"])[-1]
     hint = next((h for pattern, h in HINTS if pattern.search(cause)), None)
     return Explained(cause, hint)
+
+
+def explains(error: str) -> bool:
+    """Whether one of CRIU's error messages can be a cause (not noise, not a summary)."""
+    return not _NOISE.search(error) and not _SUMMARY.search(error)
 
 
 def mentions(log: Path, text: str) -> bool:
