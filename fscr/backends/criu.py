@@ -190,7 +190,7 @@ class Swrk:
 
     def close(self) -> None:
         """Close fscr's end and reap CRIU (it exits once its request is served)."""
-        self.sk.close()
+        self.sk.close()  # idempotent, as is wait
         self.proc.wait()
 
     def failed(self, resp: Any) -> CriuFailed | NoSpace:
@@ -220,6 +220,16 @@ def _serve(swrk: Swrk, req: Any, answer: Callable[[str, Any], Any]) -> Any:
     as it found it) and, once CRIU has answered, the hook's exception is raised: the cause is
     fscr's, not CRIU's."""
     pb = rpc()
+    try:
+        return _notified(swrk, req, answer, pb)
+    except BaseException:
+        # ^C or a bug while CRIU waits on fscr: closing the socket makes CRIU fail its run
+        # at once (letting the tree go) instead of waiting on a dead peer.
+        swrk.close()
+        raise
+
+
+def _notified(swrk: Swrk, req: Any, answer: Callable[[str, Any], Any], pb: ModuleType) -> Any:
     hook_error: BaseException | None = None
     swrk.send(req)
     while True:

@@ -49,6 +49,8 @@ from .common import (
 )
 
 TCP_MODES = ("refuse", "established", "close")
+# Test facility: the scan finds no unlinked file, as if each were unlinked just after it.
+SCAN_MISSES_ENV = "FSCR_TEST_SCAN_MISSES"
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,14 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     tree = descendants(root)
     placement = netns.classify(root, {t.pid for t in tree})
 
-    def attempt() -> _Checkpoint:
-        return _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
-                           Timings(progress=progress), placement=placement)
+    def attempt(tasks: list[Task]) -> _Checkpoint:
+        run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
+                          Timings(progress=progress), placement=placement)
+        run.preflight(tasks)  # before freezing: refuse without ever freezing
+        run.asked = frozenset(run.report.needs)  # what CRIU is told the tree needs
+        return run
 
-    run = attempt()
-    run.preflight(tree)  # before freezing: refuse without ever freezing
+    run = attempt(tree)
     with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
         try:
             return run.execute(named)
@@ -107,7 +111,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
             # Undone entirely (the tree runs on): once more, as DESIGN says; a second race
             # is reported.
             progress("retry")
-            return attempt().execute(named)
+            return attempt(descendants(root)).execute(named)
 
 
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
@@ -142,6 +146,7 @@ class _Checkpoint:
     placement: netns.Placement
     snaps: list[str] = field(default_factory=list)
     committed: bool = False
+    asked: frozenset[str] = frozenset()  # the needs CRIU was started with (preflight's)
 
     def execute(self, named: Cgroup | None) -> Manifest:
         self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
@@ -255,6 +260,11 @@ class _Checkpoint:
             self.tasks = descendants(self.root)
             self.preflight(self.tasks)
             self.unlinked = self.unlinked_files(self.tasks)
+        if not self.report.needs <= self.asked:
+            # CRIU was started with what the tree needed before the freeze (a terminal, file
+            # locks, ...); a need that appeared since would fail its dump: start over.
+            raise Raced(f"the tree changed before the freeze (it now needs "
+                        f"{', '.join(sorted(self.report.needs - self.asked))}); try again")
         self.watchdog_ok()
         return list(self.unlinked)
 
@@ -336,6 +346,8 @@ class _Checkpoint:
                     self.left_to_criu.add(f.path)
                     continue
                 unlinked.setdefault(f.external_key, f)
+        if os.environ.get(SCAN_MISSES_ENV):  # test facility (docs/testing.md): a raced scan
+            unlinked = {}
         if unlinked and self.provider.name == "none":
             raise Refused(
                 f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "
@@ -361,7 +373,7 @@ class _Checkpoint:
                 log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
                 leave_running=self.req.tcp != "established", tcp=self.req.tcp,
                 netns=f"/proc/{self.root}/ns/net" if inside else None,
-                options=frozenset(self.report.needs)), self)
+                options=self.asked), self)
             self.journal.note("dumped")
         if self.req.tcp != "established":
             self.watchdog_ok()
