@@ -299,10 +299,12 @@ def test_gc_dry_run_changes_nothing(btrfs_volume, workloads, store):
     vol = btrfs_volume.path
     pid, _ = workloads.start("service", str(vol))
     grows(vol / "history", 3)
-    crash(store, "dump", "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "crash")
+    # Killed at CRIU's post-dump, about to snapshot: its relinks are on the volume.
+    crash(store, "snapshot", "checkpoint", "--pid", str(pid), "--volume", str(vol), "--id",
+          "crash")
     wait_for(lambda: not freezer.cgroup_of(pid).frozen(), 15, "the watchdog to thaw")
     before = residue(vol, store, "crash")
-    assert before["snapshots"] == ["0"] and before["relinks"]
+    assert before["relinks"] and before["checkpoint dir"]
     report = gc(store, "--dry-run")
     assert report["dry_run"] and report["runs"][0]["actions"]
     assert residue(vol, store, "crash") == before
