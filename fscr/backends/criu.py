@@ -32,6 +32,7 @@ from ..errors import CriuFailed, MissingDependency, NoSpace
 from ..process.mountns import chain, private_binds
 from ..process.netns import entering
 from . import DumpHooks, DumpRequest, RestoreRequest
+from .criu_images import ghosts
 from .criu_log import explain, explains, mentions
 
 MIN_VERSION = (4, 2, 1)
@@ -334,8 +335,6 @@ class Criu:
         return netlock.of_images(req.images) if req.tcp == "established" else None
 
     def copied_unlinked(self, images: Path, under: list[Path]) -> list[str]:
-        from .criu_images import ghosts
-
         return ghosts(images, under)
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:

@@ -28,6 +28,10 @@ def run_id(images: Path) -> str | None:
 def ghosts(images: Path, under: list[Path]) -> list[str]:
     """Paths under `under` of regular files CRIU copied into the image because they were
     unlinked (its ghost files), one per file."""
+    # CRIU writes remap-fpath.img only when it remapped a file (a ghost, a link remap): its
+    # absence answers without importing pycriu's image modules (~20 ms inside the stall).
+    if not (images / "remap-fpath.img").exists():
+        return []
     remaps = _load(images / "remap-fpath.img")
     ghosted = {r["orig_id"] for r in remaps if r.get("remap_type") == "GHOST"}
     if not ghosted:
