@@ -63,6 +63,9 @@ class RestoreRequest:
     # one it was dumped from.
     binds: tuple[tuple[str, str], ...] = ()
     cgroup: tuple[str, str] | None = None
+    # Memory served on demand by CRIU's lazy-pages daemon, which the caller has started
+    # (fscr/lazy.py) with the same work directory.
+    lazy: bool = False
 
 
 class Backend(Protocol):

@@ -356,8 +356,7 @@ class Criu:
                 # CRIU names cgroup2's controller "" ("[controller:]/newroot", criu/config.c).
                 kind, path = req.cgroup
                 opts.cg_root.add(ctrl="" if kind == "v2" else "freezer", path=path)
-            if getattr(req, "lazy", False):
-                opts.lazy_pages = True
+            opts.lazy_pages = req.lazy  # RPC's lazy_pages is --lazy-pages
 
             def answer(script: str, notify: Any) -> None:
                 # The tree exists from here (it resumes after pre-resume): its root's PID is
