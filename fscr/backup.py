@@ -131,7 +131,8 @@ SKIPPED_EXIT = 20
 PARTIAL_EXIT = 21
 
 
-def run(job: Job, now: datetime | None = None) -> RunReport:
+def run(job: Job, now: datetime | None = None,
+        progress: pipeline.Progress = pipeline.quiet) -> RunReport:
     """One backup: checkpoint with --leave-running, then prune. Overlapping runs of one job
     do not interleave: the second is "skipped". Never raises for an expected failure: the
     report says what happened (status, exit code)."""
@@ -143,7 +144,7 @@ def run(job: Job, now: datetime | None = None) -> RunReport:
                 target=_target(job), volumes=job.snapshot.volumes, snapshot=job.snapshot.kind,
                 lvm_size=job.snapshot.lvm_size,
                 backend=job.backend.kind, tcp=job.tcp, allow=frozenset(job.allow),
-                store=job.store, job=job.name))
+                store=job.store, job=job.name), progress)
             report.id, report.freeze_window = m.id, m.durations.get("freeze_window")
             report.status = "success"
             try:

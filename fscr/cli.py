@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import preflight
+from .completion import checkpoint_ids, workload_names
 from .errors import FscrError, MissingDependency, Refused
 
 if TYPE_CHECKING:
-    from . import pipeline
     from .manifest import Manifest
     from .process.target import Target
+    from .progress import Reporter
 
 # Start-up is most of a short command's time (a restore's CRIU run is ~0.1 s): each command
 # imports the library it calls inside its body, and rich loads only when it draws something.
@@ -49,12 +50,12 @@ def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
         text()
 
 
-def progress_printer(as_json: bool) -> pipeline.Progress:
-    """Stage names on a terminal; silent for scripts (not a tty, or --json)."""
-    if as_json or not sys.stderr.isatty():
-        from .pipeline.common import quiet
-        return quiet
-    return lambda stage: err.print(f"[dim]fscr: {stage}…[/dim]")
+def progress_printer(as_json: bool, quiet: bool = False) -> Reporter:
+    """Progress on stderr (fscr/progress.py): rich on a terminal, timestamped lines
+    otherwise; none with --quiet or --json. Use it in a `with`, so the live line is gone
+    before the result is printed."""
+    from .progress import reporter
+    return reporter(quiet=quiet or as_json)
 
 
 def notice_unfinished(store: str | None) -> None:
@@ -115,6 +116,8 @@ tcp_opt = click.option(
 store_opt = click.option("--store", envvar="FSCR_STORE", default=None,
                          help="Checkpoint store (default /var/lib/fscr; env FSCR_STORE).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+quiet_opt = click.option("-q", "--quiet", is_flag=True,
+                         help="No progress on stderr (also FSCR_QUIET=1); errors still show.")
 
 
 @click.group()
@@ -123,7 +126,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--for", "for_id", default=None, metavar="ID",
+@click.option("--for", "for_id", default=None, metavar="ID", shell_complete=checkpoint_ids,
               help="Also check that this machine can restore checkpoint ID.")
 @store_opt
 @json_opt
@@ -175,7 +178,8 @@ def target_opts(f: Callable) -> Callable:
     for opt in reversed((
         click.option("--pid", type=int, default=None, help="Root of the tree."),
         click.option("--cgroup", default=None, help="Every task of this cgroup."),
-        click.option("--name", default=None, help="A workload started with fscr run --name."),
+        click.option("--name", default=None, shell_complete=workload_names,
+                     help="A workload started with fscr run --name."),
         click.option("--volume", "volumes", multiple=True, required=True,
                      help="A btrfs subvolume the tree uses (repeatable)."))):
         f = opt(f)
@@ -199,8 +203,9 @@ def target_opts(f: Callable) -> Callable:
                    "checkpoint is aborted.")
 @store_opt
 @json_opt
+@quiet_opt
 def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_running, tcp,
-               allow, ckpt_id, max_freeze, store, as_json) -> None:  # noqa: ANN001 - options
+               allow, ckpt_id, max_freeze, store, as_json, quiet) -> None:  # noqa: ANN001
     """Checkpoint a process tree and its volumes at one frozen instant."""
     from . import pipeline
     notice_unfinished(store)
@@ -208,7 +213,8 @@ def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_ru
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
         lvm_size=lvm_size, backend=backend, kill=not leave_running, tcp=tcp,
         allow=parse_allow(allow), id=ckpt_id, store=store, max_freeze=max_freeze)
-    m = pipeline.checkpoint(req, progress_printer(as_json))
+    with progress_printer(as_json, quiet) as progress:
+        m = pipeline.checkpoint(req, progress)
     emit(summary(m), as_json, lambda: click.echo(m.id))
 
 
@@ -247,7 +253,7 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
 
 
 @cli.command()
-@click.argument("ckpt_id")
+@click.argument("ckpt_id", shell_complete=checkpoint_ids)
 @click.option("--replace", is_flag=True, help="Kill a still-running tree of this checkpoint.")
 @click.option("--force", is_flag=True,
               help="Swap the volumes even while other processes hold files on them.")
@@ -261,18 +267,19 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
                    "run --pidns` trees on btrfs).")
 @store_opt
 @json_opt
+@quiet_opt
 def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollback: bool,
-            beside: bool, store: str | None, as_json: bool) -> None:
+            beside: bool, store: str | None, as_json: bool, quiet: bool) -> None:
     """Put the volumes back and restore the processes; print the new root PID."""
     from . import pipeline
     notice_unfinished(store)
     if beside and (replace or force or volumes_only or rollback):
         raise click.UsageError("--beside leaves the original and its volumes alone: it takes "
                                "none of --replace, --force, --volumes-only, --rollback")
-    progress = progress_printer(as_json)
-    r = (pipeline.restore_beside(ckpt_id, store, progress=progress) if beside else
-         pipeline.restore(ckpt_id, store, replace=replace, force=force,
-                          volumes_only=volumes_only, rollback=rollback, progress=progress))
+    with progress_printer(as_json, quiet) as progress:
+        r = (pipeline.restore_beside(ckpt_id, store, progress=progress) if beside else
+             pipeline.restore(ckpt_id, store, replace=replace, force=force,
+                              volumes_only=volumes_only, rollback=rollback, progress=progress))
     data = {"id": r.id, "pid": r.pid, "rescue_snapshots": r.rescues, "copy": r.copy,
             "durations": r.durations}
     emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))
@@ -313,31 +320,37 @@ def gc(dry_run: bool, store: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ckpt_id")
-@click.option("--parent", default=None, help="Send only the changes since this checkpoint.")
+@click.argument("ckpt_id", shell_complete=checkpoint_ids)
+@click.option("--parent", default=None, shell_complete=checkpoint_ids,
+              help="Send only the changes since this checkpoint.")
 @store_opt
-def send(ckpt_id: str, parent: str | None, store: str | None) -> None:
+@quiet_opt
+def send(ckpt_id: str, parent: str | None, store: str | None, quiet: bool) -> None:
     """Write a checkpoint as one stream to stdout (pipe it to ssh, a file, ...)."""
     from . import transfer
+    from .units import size
     out = click.get_binary_stream("stdout")
     if out.isatty():
         raise click.UsageError("refusing to write a binary stream to a terminal: redirect it")
     notice_unfinished(store)
-    sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store,
-                         progress=progress_printer(False))
+    with progress_printer(False, quiet) as progress:  # on stderr: stdout is the stream
+        sent = transfer.send(ckpt_id, out, parent=parent, store_dir=store, progress=progress)
     err.print(f"fscr: sent {sent.id}" + (f" (incremental on {sent.parent})" if sent.parent
-              else "") + f", {sent.bytes} bytes", markup=False, highlight=False)
+              else "") + f", {sent.bytes} bytes ({size(sent.bytes)})", markup=False,
+              highlight=False)
 
 
 @cli.command()
 @store_opt
 @json_opt
-def receive(store: str | None, as_json: bool) -> None:
+@quiet_opt
+def receive(store: str | None, as_json: bool, quiet: bool) -> None:
     """Read a stream from stdin into this machine's store and btrfs filesystems."""
     from . import transfer
     notice_unfinished(store)
-    got = transfer.receive(click.get_binary_stream("stdin"), store_dir=store,
-                           progress=progress_printer(as_json))
+    with progress_printer(as_json, quiet) as progress:
+        got = transfer.receive(click.get_binary_stream("stdin"), store_dir=store,
+                               progress=progress)
     emit({"id": got.id, "volumes": got.volumes}, as_json, lambda: click.echo(got.id))
 
 

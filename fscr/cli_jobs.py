@@ -9,20 +9,22 @@ from pathlib import Path
 
 import click
 
-from .cli import emit, err, json_opt, notice_unfinished
+from .cli import emit, err, json_opt, notice_unfinished, progress_printer, quiet_opt
 
 
 @click.command()
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @json_opt
-def backup(job_file: str, as_json: bool) -> None:
+@quiet_opt
+def backup(job_file: str, as_json: bool, quiet: bool) -> None:
     """One backup run of a job: checkpoint (leave running), then prune by its policy."""
     from . import backup as backup_mod
     from .pipeline import require_root
     require_root()
     job = backup_mod.load(job_file)
     notice_unfinished(job.store)
-    r = backup_mod.run(job)
+    with progress_printer(as_json, quiet) as progress:
+        r = backup_mod.run(job, progress=progress)
     # One log line per run, for cron mail and journald alike.
     window = f" freeze={r.freeze_window:.3f}s" if r.freeze_window is not None else ""
     err.print(f"fscr backup {r.job}: {r.status} id={r.id or '-'} duration={r.seconds:.3f}s"
@@ -34,7 +36,7 @@ def backup(job_file: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Show what the policy keeps and why; remove nothing.")
 @json_opt
 def prune(job_file: str, dry_run: bool, as_json: bool) -> None:
@@ -61,7 +63,7 @@ def schedule() -> None:
 
 
 @schedule.command("install")
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--every", required=True, help="How often: 15m, 1h, 1d, ...")
 @click.option("--systemd/--cron", "systemd", default=None,
               help="Default: a systemd timer where systemd runs, else a cron.d file.")
@@ -84,7 +86,7 @@ def schedule_install(job_file: str, every: str, systemd: bool | None, dest: str 
 
 
 @schedule.command("remove")
-@click.argument("job_file")
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--dest", default=None, help="Where install wrote the files.")
 def schedule_remove(job_file: str, dest: str | None) -> None:
     """Remove what install wrote for a job; print what was removed."""

@@ -16,6 +16,8 @@ class FscrError(Exception):
 
 
 class NotRoot(FscrError):
+    """Not run as root: fscr freezes cgroups and runs CRIU."""
+
     exit_code = 3
 
 
@@ -32,6 +34,8 @@ class BadVolume(FscrError):
 
 
 class NoSuchCheckpoint(FscrError):
+    """No checkpoint (or rescue snapshot, or copy) of that id in the store."""
+
     exit_code = 6
 
 
@@ -54,6 +58,8 @@ class CriuFailed(FscrError):
 
 
 class SnapshotFailed(FscrError):
+    """Taking, restoring or deleting a snapshot failed."""
+
     exit_code = 8
 
 
@@ -76,6 +82,8 @@ class MissingDependency(FscrError):
 
 
 class NoSpace(FscrError):
+    """No space left on the device of the store or of a volume."""
+
     exit_code = 12
 
 

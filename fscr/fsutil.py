@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -82,22 +83,26 @@ def mount_of(path: Path) -> Mount | None:
     return max(reversed(found), key=lambda m: len(m.point)) if found else None
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, advance: Callable[[int], None] | None = None) -> str:
+    """`advance` hears of every chunk hashed (a progress meter)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
     return h.hexdigest()
 
 
-def sha256_files(paths: list[Path]) -> list[str]:
+def sha256_files(paths: list[Path], advance: Callable[[int], None] | None = None) -> list[str]:
     """sha256_file of each path, in order, computed on every core (hashlib and reads release
     the GIL; a tree of N processes has N page images). Raises what a read raised."""
     if len(paths) < 2:
-        return [sha256_file(p) for p in paths]
+        return [sha256_file(p, advance) for p in paths]
     biggest_first = sorted(paths, key=lambda p: -os.stat(p).st_size)
     with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="fscr-sha256") as pool:
-        digests = dict(zip(biggest_first, pool.map(sha256_file, biggest_first), strict=True))
+        digests = dict(zip(biggest_first, pool.map(lambda p: sha256_file(p, advance),
+                                                   biggest_first), strict=True))
     return [digests[p] for p in paths]
 
 

@@ -4,6 +4,7 @@
 <store>/checkpoints/<id>/manifest.json.sha256 its digest; written last: the commit point
 <store>/checkpoints/<id>/images/              CRIU's image files
 <store>/checkpoints/<id>/criu-*.log           CRIU's logs
+<store>/checkpoints/<id>/received             present if `fscr receive` brought it here
 <store>/journal/                              one journal per unfinished run (journal.py)
 <store>/rescues/<name>.json                   the paths of a rescue snapshot made by restore
 <store>/lineages/, <store>/origins/            what this host recorded (origins.py)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +81,20 @@ class Store:
         write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
         return dg
 
-    def image_records(self, ckpt_id: str) -> list[ImageFile]:
-        """Name, size and sha256 of every image file, for the manifest."""
+    def image_records(self, ckpt_id: str,
+                      advance: Callable[[int], None] | None = None) -> list[ImageFile]:
+        """Name, size and sha256 of every image file, for the manifest (`advance` hears of
+        the bytes hashed)."""
         paths = sorted(self.images(ckpt_id).iterdir())
         return [ImageFile(name=p.name, size=p.stat().st_size, sha256=sha)
-                for p, sha in zip(paths, sha256_files(paths), strict=True)]
+                for p, sha in zip(paths, sha256_files(paths, advance), strict=True)]
+
+    def mark_received(self, ckpt_id: str) -> None:
+        """Before commit: this checkpoint came by `fscr receive` (fscr list says so)."""
+        write_atomic(self.dir(ckpt_id) / "received", b"")
+
+    def was_received(self, ckpt_id: str) -> bool:
+        return (self.dir(ckpt_id) / "received").exists()
 
     def committed(self, ckpt_id: str) -> bool:
         return (self.dir(ckpt_id) / "manifest.json.sha256").exists()
@@ -108,9 +119,9 @@ class Store:
     def manifest_digest(self, ckpt_id: str) -> str:
         return (self.dir(ckpt_id) / "manifest.json.sha256").read_text().split()[0]
 
-    def verify_images(self, m: Manifest) -> None:
+    def verify_images(self, m: Manifest, advance: Callable[[int], None] | None = None) -> None:
         """Every image file the manifest lists is present with its size and sha256, and no
-        other file is there."""
+        other file is there (`advance` hears of the bytes hashed)."""
         images = self.images(m.id)
         present = {p.name for p in images.iterdir()} if images.is_dir() else set()
         listed = {i.name for i in m.images}
@@ -122,7 +133,7 @@ class Store:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is missing")
             if p.stat().st_size != img.size:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (size)")
-        digests = sha256_files([images / img.name for img in m.images])
+        digests = sha256_files([images / img.name for img in m.images], advance)
         for img, got in zip(m.images, digests, strict=True):
             if got != img.sha256:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .journal import Journal
 from .manifest import Manifest
 from .names import check_id, snapshot_path
 from .pipeline.common import Progress, quiet, require_root
+from .progress import Meter, meter
 from .store import Store
 
 MAGIC = b"FSCR-STREAM 1\n"
@@ -43,13 +45,14 @@ CHUNK = 1 << 20
 class _Out:
     """The stream being written, hashing everything that passes."""
 
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.h, self.bytes = f, hashlib.sha256(), 0
+    def __init__(self, f: BinaryIO, shown: Meter) -> None:
+        self.f, self.h, self.bytes, self.shown = f, hashlib.sha256(), 0, shown
 
     def write(self, data: bytes) -> None:
         self.f.write(data)
         self.h.update(data)
         self.bytes += len(data)
+        self.shown.advance(len(data))
 
     def record(self, header: dict, chunks: Callable[[], bytes | None]) -> None:
         self.write(json.dumps(header, sort_keys=True).encode() + b"\n")
@@ -79,18 +82,20 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
     if m.snapshot == "lvm":
         raise Refused(f"checkpoint {m.id} holds LVM snapshots: send carries btrfs snapshots "
                       "only (docs/lvm.md says how to move a logical volume)")
-    store.verify_images(m)
+    with meter(progress, "checksum", m.image_bytes) as shown:
+        store.verify_images(m, shown.advance)
     base = store.load(check_id(parent)) if parent else None
     if base is not None and [v.path for v in base.volumes] != [v.path for v in m.volumes]:
         raise FscrError(f"parent {parent} does not have the same volumes as {ckpt_id}")
-    s = _Out(out)
+    # The total is known only without volumes: btrfs send tells no size beforehand.
+    sent = meter(progress, "sent", None if any(v.snapshot for v in m.volumes) else
+                 m.image_bytes)
+    s = _Out(out, sent)
     s.write(MAGIC)
-    progress("manifest")
     raw = (store.dir(m.id) / "manifest.json").read_bytes()
     chunks = iter([raw])
     s.record({"type": "manifest"}, lambda: next(chunks, None))
     for img in m.images:
-        progress(f"image {img.name}")
         with open(store.images(m.id) / img.name, "rb") as f:
             s.record({"type": "image", "name": img.name}, _reader(f))
     for v in m.volumes:
@@ -113,20 +118,22 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
     digest = s.h.hexdigest()
     s.write(json.dumps({"type": "end", "sha256": digest}).encode() + b"\n")
     out.flush()
+    sent.finish()
     return Sent(m.id, parent, s.bytes)
 
 
 class _In:
     """The stream being read; every read that comes short is a truncated stream."""
 
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.h = f, hashlib.sha256()
+    def __init__(self, f: BinaryIO, shown: Meter) -> None:
+        self.f, self.h, self.shown = f, hashlib.sha256(), shown
 
     def exact(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
             raise BadStream("the stream is truncated")
         self.h.update(data)
+        self.shown.advance(n)
         return data
 
     def line(self, limit: int = 4096, hashed: bool = True) -> bytes:
@@ -135,6 +142,7 @@ class _In:
             raise BadStream("the stream is truncated or corrupt (a record header is broken)")
         if hashed:
             self.h.update(data)
+        self.shown.advance(len(data))
         return data
 
     def header(self) -> dict:
@@ -169,7 +177,8 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
     and manifest into the store. On failure, whatever arrived is removed."""
     require_root()
     store = Store.open(store_dir)
-    s = _In(inp)
+    received = meter(progress, "received", _size_of(inp))
+    s = _In(inp, received)
     if s.line(64) != MAGIC:
         raise BadStream("not an fscr stream, or one of a version this fscr does not read")
     h = s.header()
@@ -192,10 +201,13 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
     try:
         store.reserve(m.id)
         _receive_rest(s, store, m, journal, made, progress)
+        received.finish()
         try:
-            store.verify_images(m)
+            with meter(progress, "checksum", sum(i.size for i in m.images)) as shown:
+                store.verify_images(m, shown.advance)
         except BadManifest as e:
             raise BadStream(f"the stream is corrupt: {e}") from None
+        store.mark_received(m.id)
         store.commit(m)
     except BaseException:
         for p in made:
@@ -217,7 +229,6 @@ def _receive_rest(s: _In, store: Store, m: Manifest, journal: Journal, made: lis
             name = h.get("name")
             if name not in listed or (store.images(m.id) / name).exists():
                 raise BadStream(f"the stream carries an unexpected image {name!r}")
-            progress(f"image {name}")
             fd = os.open(store.images(m.id) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                          | os.O_NOFOLLOW, 0o600)
             try:
@@ -292,3 +303,11 @@ def _btrfs_parent(volume: Path) -> None:
         raise BadStream(f"{parent} is not on a btrfs filesystem ({out.stdout.strip()}): "
                         f"cannot receive the snapshot of {volume}")
 
+
+def _size_of(f: BinaryIO) -> int | None:
+    """The stream's size when it is a file (`fscr receive < FILE`): a meter with an ETA."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

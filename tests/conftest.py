@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -290,3 +291,12 @@ def net() -> Iterator[Net]:
     finally:
         for ns in made:  # the veth pair goes with its namespaces
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d fscr: ")
+
+
+def said(stderr: str) -> list[str]:
+    """stderr's lines without the timestamped progress lines (fscr/progress.py) a command
+    prints when stderr is no terminal: what a failure says to the user."""
+    return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]

@@ -21,6 +21,7 @@ from conftest import (
     counter_with_neighbour,
     fscr,
     lines,
+    said,
     wait_for,
     wait_unlinked,
 )
@@ -228,7 +229,7 @@ def test_full_volume_fails_the_relink_copy_cleanly(btrfs_volume, workloads, stor
         out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "full",
                    store=store, check=False, env={"FSCR_TEST_FORCE_COPY": "1"})
         assert out.returncode == 12 and "no space" in out.stderr, out.stderr
-        assert out.stderr.count("\n") == 1
+        assert len(said(out.stderr)) == 1
         assert alive(pid) and not freezer.cgroup_of(pid).frozen()
         assert residue(vol, store, "full") == CLEAN
     finally:

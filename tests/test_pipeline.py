@@ -14,6 +14,7 @@ from conftest import (
     counter_with_neighbour,
     fscr,
     lines,
+    said,
     take_pid,
     wait_for,
     wait_unlinked,
@@ -171,7 +172,7 @@ def test_restore_of_a_running_tree_needs_replace_and_changes_nothing(btrfs_volum
 
     out = fscr("restore", m["id"], store=store, check=False)
     assert out.returncode == 10 and "--replace" in out.stderr
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert len(said(out.stderr)) == 1 and "Traceback" not in out.stderr
     assert len(lines(vol / "history")) >= n  # the volume was not rolled back
     assert json.loads(fscr("list", "--json", store=store).stdout)["rescues"] == []
     assert alive(pid)
@@ -210,7 +211,7 @@ def test_criu_failure_leaves_the_workload_running_and_no_residue(btrfs_volume, w
     # A task traced by its parent: CRIU cannot seize it. The message quotes CRIU's error
     # that says so (not its closing "Dumping FAILED"), a hint, and a log that exists.
     assert out.returncode == 7, out.stderr
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert len(said(out.stderr)) == 1 and "Traceback" not in out.stderr
     assert "while seizing" in out.stderr and "another process traces it" in out.stderr
     log = Path(out.stderr.rsplit("(log: ", 1)[1].rstrip(")\n"))
     assert log.parent.parent == store / "failed" and "while seizing" in log.read_text()
@@ -251,7 +252,7 @@ def test_clear_errors_for_bad_input(btrfs_volume, workloads, store, tmp_path):
     for args, code, text in cases:
         out = fscr(*args, store=store, check=False)
         assert (out.returncode, text in out.stderr) == (code, True), (args, out.stderr)
-        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert len(said(out.stderr)) == 1 and "Traceback" not in out.stderr
 
 
 def test_restore_refuses_a_corrupt_manifest(btrfs_volume, workloads, store):

@@ -22,7 +22,7 @@ from ..names import check_id, copy_cgroup, copy_path
 from ..process import freezer
 from ..relink import remove_relinks
 from ..store import Store
-from .common import Progress, Timings, in_background, quiet, require_root, restore_lock
+from .common import Progress, Timings, quiet, require_root, restore_lock, verify_in_background
 from .restore import RestoreResult, _Restore
 
 
@@ -55,7 +55,7 @@ def restore_beside(ckpt_id: str, store_dir: str | None = None,
 def _beside(store: Store, m: Manifest, provider: snapshot.Provider, t: Timings) -> RestoreResult:
     run = _Restore(store, m, t, provider, backends.get(m.backend))
     with run.t.stage("validate"):
-        verified = in_background(store.verify_images, m)
+        verified = verify_in_background(store, m, run.t.progress)
         try:
             run.check_sources(processes=True)
         finally:

@@ -35,6 +35,7 @@ from ..process.freezer import Cgroup
 from ..process.mountns import shares_mine
 from ..process.target import Target, isolate, put_back, resolve
 from ..process.tree import Task, descendants, is_pidns_init, task_of
+from ..progress import bytes_in, meter, watching
 from ..store import Store
 from ..watchdog import Watchdog
 from .common import (
@@ -368,12 +369,15 @@ class _Checkpoint:
         inside = self.placement.treatment == "external"
         with self.t.stage("dump"):
             self.journal.note("dump", images=str(self.store.images(self.id)))
-            self.netlock = self.backend.dump(DumpRequest(
-                root_pid=self.root, images=self.store.images(self.id),
-                log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
-                leave_running=self.req.tcp != "established", tcp=self.req.tcp,
-                netns=f"/proc/{self.root}/ns/net" if inside else None,
-                options=self.asked), self)
+            # CRIU says nothing while it writes: the image directory's growth is the progress.
+            shown = self.t.progress if self.backend.writes_image else quiet
+            with watching(shown, "images written", self.store.images(self.id)):
+                self.netlock = self.backend.dump(DumpRequest(
+                    root_pid=self.root, images=self.store.images(self.id),
+                    log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
+                    leave_running=self.req.tcp != "established", tcp=self.req.tcp,
+                    netns=f"/proc/{self.root}/ns/net" if inside else None,
+                    options=self.asked), self)
             self.journal.note("dumped")
         if self.req.tcp != "established":
             self.watchdog_ok()
@@ -390,7 +394,9 @@ class _Checkpoint:
     def manifest(self, window: float) -> Manifest:
         tasks, cg = self.tasks, self.cg
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
-        images = self.store.image_records(self.id)
+        written = bytes_in(self.store.images(self.id))  # none yet in a --tcp established draft
+        with meter(self.t.progress if written else quiet, "checksum", written) as m:
+            images = self.store.image_records(self.id, m.advance)
         p = self.placement
         return Manifest(
             schema_version=SCHEMA_VERSION,

@@ -11,10 +11,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import NotRoot
 from ..journal import Journal
 from ..process.tree import Task, read_stat
+from ..progress import finished, meter
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+    from ..store import Store
 
 Progress = Callable[[str], None]
 
@@ -60,6 +66,7 @@ class Timings:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - t0, 6)
+        finished(self.progress, name, self.seconds[name])  # only a stage that succeeded
 
 
 def noting_pid(journal: Journal) -> Callable[[int], None]:
@@ -77,3 +84,20 @@ def in_background(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     future = pool.submit(fn, *args)
     pool.shutdown(wait=False)  # the thread ends with fn; future.result() waits for it
     return future.result
+
+
+def verify_in_background(store: Store, m: Manifest, progress: Progress) -> Callable[[], None]:
+    """The images' checksums, on another core, with a meter: the returned function waits
+    for them and raises what the check raised (BadManifest for a corrupt image)."""
+    shown = meter(progress, "checksum", sum(i.size for i in m.images)) if m.images else None
+    wait = in_background(store.verify_images, m, shown.advance if shown else None)
+
+    def done() -> None:
+        ok = False
+        try:
+            wait()
+            ok = True
+        finally:
+            if shown is not None:
+                shown.finish(ok)
+    return done

@@ -35,11 +35,11 @@ from . import trust
 from .common import (
     Progress,
     Timings,
-    in_background,
     noting_pid,
     quiet,
     require_root,
     restore_lock,
+    verify_in_background,
     volume_lock,
 )
 
@@ -145,7 +145,7 @@ class _Restore:
         The images' checksums (~0.85 ms per MB here, SHA-256 itself) are computed on another
         core while the other checks read /proc and the volumes; a corrupt image is reported
         first, as if it had been checked first."""
-        verified = in_background(self.store.verify_images, self.m)
+        verified = verify_in_background(self.store, self.m, self.t.progress)
         try:
             return self.validate_tree(processes, replace, force)
         finally:
