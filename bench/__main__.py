@@ -91,6 +91,7 @@ class Bed:
         self.case: Case | None = None
         self.data_mb: int | None = None  # the volume's data file, written once per size
         self.cg = freezer.ensure(f"{FSCR_GROUP}/bench")
+        self.ctl: Path | None = None  # set: the workload measures its own stall (bench/stall.py)
 
     def close(self) -> None:
         self.stop()
@@ -135,7 +136,7 @@ class Bed:
             return
         (self.vol / "ready").unlink(missing_ok=True)
         args = [sys.executable, str(HERE / "workload.py"), str(self.vol), str(case.rss_mb),
-                str(case.unlinked_mb), str(case.procs)]
+                str(case.unlinked_mb), str(case.procs)] + ([str(self.ctl)] if self.ctl else [])
         out = subprocess.run([str(FSCR), "run", "--name", "bench", "--json", "--", *args],
                              check=True, capture_output=True, text=True)
         self.pid = json.loads(out.stdout)["pid"]

@@ -1,9 +1,11 @@
 """The bench's report: the table, each of issue 6's targets as a ratio from the same run, and
-the plots. Works on the JSON report alone, so a results.json can be rendered again."""
+the plots; and issue 19's (bench/stall.py). Works on the JSON report alone, so a results.json
+can be rendered again."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -103,6 +105,108 @@ def targets(report: dict) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------ issue 19 (bench/stall.py)
+
+def _ms(x: float | None) -> str:
+    return "" if x is None else f"{x * 1000:.1f}"
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _from_criu(run: dict) -> float:
+    """The first answer counted from the start of fscr's `restore` stage (CRIU's run): the
+    command's wall time less that stage and the ones after it is when the stage began."""
+    after = sum(v for k, v in run["durations"].items()
+                if k in ("restore", "verify pages", "pages in", "finish"))
+    return run["first_answer_s"] - (run["command_s"] - after)
+
+
+def stall_markdown(report: dict) -> str:
+    """The stall each checkpoint cost the workload (as it measured it) beside fscr's own
+    freeze_window, the restores' wall times, and issue 19's targets."""
+    lines = [f"{report['mode'].capitalize()} mode, {report['runs']} interleaved runs per "
+             f"configuration, medians (min-max); the whole run took "
+             f"{report.get('elapsed_s', 0):.0f} s.", "",
+             "| case | config | stall the process saw (ms) | fscr's freeze_window (ms) |",
+             "| --- | --- | ---: | ---: |"]
+    for r in report["stall"]:
+        st = [x["stall_s"] for x in r["runs"]]
+        win = [x["freeze_window_s"] for x in r["runs"] if x["freeze_window_s"] is not None]
+        lines.append(f"| {r['case']} | {r['config']} | {_ms(_med(st))} ({_ms(min(st))}-"
+                     f"{_ms(max(st))}) | {_ms(_med(win)) if win else ''} |")
+    lines += ["", "| restore, whole command | config | wall (ms) |", "| --- | --- | ---: |"]
+    for r in report["restore"]:
+        s = r["seconds"]
+        lines.append(f"| {r['case']} | {r['config']} | {_ms(_med(s))} ({_ms(min(s))}-"
+                     f"{_ms(max(s))}) |")
+    lines += ["", "| 1 GB RSS restore | first answer (ms) | from CRIU's start (ms) | "
+              "whole command (ms) |", "| --- | ---: | ---: | ---: |"]
+    for kind, runs in report["lazy"].items():
+        if runs:
+            name = "fscr restore --lazy" if kind == "lazy" else "fscr restore"
+            lines.append(f"| {name} | {_ms(_med([x['first_answer_s'] for x in runs]))} | "
+                         f"{_ms(_med([_from_criu(x) for x in runs]))} | "
+                         f"{_ms(_med([x['command_s'] for x in runs]))} |")
+    lines += ["", "From CRIU's start: the first answer less the time the command took before "
+              "its `restore` stage (its wall time less that stage and those after it)."]
+    lines += ["", "Targets (issue 19), from this run:", ""]
+    lines += [f"- {t}" for t in stall_targets(report)]
+    return "\n".join(lines) + "\n"
+
+
+def stall_targets(report: dict) -> list[str]:
+    """Each target of issue 19 as a ratio of this run's medians, with met/missed."""
+    def stall(case: str, config: str) -> float | None:
+        r = next((x for x in report["stall"] if x["case"] == case and x["config"] == config),
+                 None)
+        return _med([x["stall_s"] for x in r["runs"]]) if r else None
+
+    def restore(case: str, config: str) -> float | None:
+        r = next((x for x in report["restore"] if x["case"] == case and x["config"] == config),
+                 None)
+        return _med(r["seconds"]) if r else None
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    out = []
+    f, c = stall("tiny", "fscr"), stall("tiny", "criu")
+    if f is not None and c is not None:
+        out.append(f"tiny process: stall under fscr {f * 1000:.1f} ms vs CRIU alone "
+                   f"{c * 1000:.1f} ms ({(f - c) * 1000:+.1f} ms; at most +10 ms: "
+                   f"{verdict(f - c <= 0.010)})")
+    for case in ("64 MB RSS", "1 GB RSS"):
+        f, c = stall(case, "fscr"), stall(case, "criu")
+        if f is not None and c is not None:
+            out.append(f"{case}: stall under fscr {f / c:.2f}x CRIU alone's ({f * 1000:.0f} vs "
+                       f"{c * 1000:.0f} ms; at most 1.05x: {verdict(f / c <= 1.05)})")
+    f, c = stall("1 GB unlinked", "fscr"), stall("1 GB unlinked", "criu")
+    if f is not None and c is not None:
+        out.append(f"1 GB unlinked file: stall under fscr {f / c:.3f}x CRIU alone's "
+                   f"({f * 1000:.0f} vs {c * 1000:.0f} ms; at most 0.05x: "
+                   f"{verdict(f / c <= 0.05)})")
+    f, c = restore("tiny", "fscr"), restore("tiny", "criu")
+    if f is not None and c is not None:
+        out.append(f"restore, tiny process: fscr {f * 1000:.0f} ms vs criu restore -d "
+                   f"{c * 1000:.0f} ms ({(f - c) * 1000:+.0f} ms; at most +100 ms: "
+                   f"{verdict(f - c <= 0.100)})")
+    f, c = restore("64 MB RSS", "fscr"), restore("64 MB RSS", "criu")
+    if f is not None and c is not None:
+        out.append(f"restore, 64 MB process: fscr {f / c:.2f}x criu restore -d "
+                   f"({f * 1000:.0f} vs {c * 1000:.0f} ms; at most 1.3x: {verdict(f / c <= 1.3)})")
+    runs = report["lazy"].get("lazy") or []
+    if runs:
+        first = _med([x["first_answer_s"] for x in runs])
+        criu = _med([_from_criu(x) for x in runs])
+        out.append(f"restore --lazy, 1 GB process: first answer {first * 1000:.0f} ms after the "
+                   f"command's start (within 100 ms: {verdict(first <= 0.100)}); "
+                   f"{criu * 1000:.0f} ms after CRIU's start (within 100 ms: "
+                   f"{verdict(criu <= 0.100)})")
+    return out
+
+
 def plots(report: dict, out: Path) -> None:
     try:
         import matplotlib
@@ -135,5 +239,8 @@ if __name__ == "__main__":
     # python -m bench.report DIR: render DIR/results.json again
     where = Path(sys.argv[1])
     rep = json.loads((where / "results.json").read_text())
-    (where / "results.md").write_text(markdown(rep))
-    plots(rep, where)
+    if "stall" in rep:  # bench/stall.py's (issue 19)
+        (where / "results.md").write_text(stall_markdown(rep))
+    else:
+        (where / "results.md").write_text(markdown(rep))
+        plots(rep, where)

@@ -265,21 +265,29 @@ def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # no
               help="Run a copy beside the still-running original, on clones of the snapshots "
                    "mounted at the volumes' paths for the copy alone (checkpoints of `fscr "
                    "run --pidns` trees on btrfs).")
+@click.option("--lazy", is_flag=True,
+              help="Start the tree before its memory is back: CRIU's lazy-pages daemon serves "
+                   "its pages on demand (userfaultfd). The page images are verified while it "
+                   "runs; a corrupt one kills it and puts the volumes back (exit 22).")
 @store_opt
 @json_opt
 @quiet_opt
 def restore(ckpt_id: str, replace: bool, force: bool, volumes_only: bool, rollback: bool,
-            beside: bool, store: str | None, as_json: bool, quiet: bool) -> None:
+            beside: bool, lazy: bool, store: str | None, as_json: bool, quiet: bool) -> None:
     """Put the volumes back and restore the processes; print the new root PID."""
     from . import pipeline
     notice_unfinished(store)
     if beside and (replace or force or volumes_only or rollback):
         raise click.UsageError("--beside leaves the original and its volumes alone: it takes "
                                "none of --replace, --force, --volumes-only, --rollback")
+    if lazy and (beside or volumes_only):
+        raise click.UsageError("--lazy restores the processes in place: it takes neither "
+                               "--beside nor --volumes-only")
     with progress_printer(as_json, quiet) as progress:
         r = (pipeline.restore_beside(ckpt_id, store, progress=progress) if beside else
              pipeline.restore(ckpt_id, store, replace=replace, force=force,
-                              volumes_only=volumes_only, rollback=rollback, progress=progress))
+                              volumes_only=volumes_only, rollback=rollback, progress=progress,
+                              lazy=lazy))
     data = {"id": r.id, "pid": r.pid, "rescue_snapshots": r.rescues, "copy": r.copy,
             "durations": r.durations}
     emit(data, as_json, lambda: click.echo(r.pid if r.pid is not None else "volumes restored"))

@@ -25,7 +25,7 @@ from .process import freezer
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 class CopyVolume(_Record):

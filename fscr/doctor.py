@@ -147,10 +147,17 @@ def _run_tmpfs() -> Row:
                "2-core machine)", warning=not ok)
 
 
+def _lazy() -> Row:
+    from . import lazy
+
+    ok, why = lazy.available()
+    return Row("lazy restore", ok, False, why)
+
+
 def run_checks() -> list[Row]:
     v2, v1 = _cgroup_v2(), _cgroup_v1()
     return [_root(), _kernel(), _criu(), _criu_rpc(), _freezer_any(v2, v1), v2, v1, _btrfs(),
-            _lvm(), _loop(), _cap_sys_resource(), _run_tmpfs()]
+            _lvm(), _loop(), _cap_sys_resource(), _run_tmpfs(), _lazy()]
 
 
 def as_dicts(rows: list[Row]) -> list[dict]:

@@ -132,3 +132,10 @@ class MissingParent(FscrError):
     """An incremental stream whose parent checkpoint this store has not received."""
 
     exit_code = 19
+
+
+class PagesCorrupt(FscrError):
+    """restore --lazy: a page image failed its checksum after the tree had started; the tree
+    was killed and the volumes put back."""
+
+    exit_code = 22

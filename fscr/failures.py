@@ -30,7 +30,7 @@ NAME_PATTERN = rf"{ID_PATTERN}-(checkpoint|restore)-[0-9]{{8}}T[0-9]{{6}}Z(_[0-9
 class Attempt(BaseModel):
     """attempt.json: read back by list and gc, so validated like every record fscr reads."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
     version: Literal[1] = 1
     id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import failures, locks, netlock, origins, pipeline, relink, snapshot
+from . import failures, lazy, locks, netlock, origins, pipeline, relink, snapshot
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
@@ -47,7 +47,15 @@ class Plan:
 
 
 def _criu(run: Run) -> list[Task]:
-    return [t for e in run.events("criu") if (t := Task(e["pid"], e["starttime"])).alive()]
+    """CRIU, and the lazy-pages daemon of a lazy restore whose tree runs: gc waits for both
+    (a daemon killed early leaves its tree's untransferred pages reading as zeroes)."""
+    daemons = run.events("lazy") if run.events("restored") else []
+    return [t for e in run.events("criu") + daemons
+            if (t := Task(e["pid"], e["starttime"])).alive()]
+
+
+def _lazy_daemons(run: Run) -> list[Task]:
+    return [t for e in run.events("lazy") if (t := Task(e["pid"], e["starttime"])).alive()]
 
 
 def _thaw_steps(plan: Plan) -> None:
@@ -194,6 +202,15 @@ def plan_restore(store: Store, run: Run) -> Plan:
     swaps = run.events("swap")
     cgroup = _restored_cgroup(run, m)
     root = _restored_root(store, run, cgroup.path) if m and cgroup else None
+    if root is not None and m is not None and _pages_corrupt(store, run, m):
+        # A lazy restore died before it had verified the pages its tree runs on: a corrupt
+        # image means the tree's memory is not the checkpoint's. Kill it; undo as below.
+        plan.add(f"kill the restored tree of PID {root}: its page images are corrupt",
+                 lambda r=root: lazy.kill_tree(r))
+        root = None
+    if root is None:  # no tree runs on them: the daemon serves nobody
+        for d in _lazy_daemons(run):
+            plan.add(f"stop CRIU's lazy-pages daemon (PID {d.pid})", lambda d=d: lazy.stop(d))
     if root is not None and m is not None and cgroup is not None:
         rescues = [e["rescue"] for e in swaps]
         name = swaps[0]["name"] if swaps else ""
@@ -225,6 +242,16 @@ def plan_restore(store: Store, run: Run) -> Plan:
         plan.add(what, lambda v=vol, r=rescue, c=copy: provider.undo(v, r, c))
     _relink_steps(plan)
     return plan
+
+
+def _pages_corrupt(store: Store, run: Run, m: Manifest) -> bool:
+    if not run.begin.get("lazy") or run.events("verified"):
+        return False
+    try:
+        store.verify_images(m, which=lazy.is_page_image)
+    except FscrError:
+        return True
+    return False
 
 
 def plan_receive(store: Store, run: Run) -> Plan:

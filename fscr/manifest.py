@@ -31,7 +31,7 @@ AbsPath = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 def _absolute_clean(v: str) -> str:

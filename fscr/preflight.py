@@ -32,11 +32,13 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from .process import sockets as sockets_mod
 from .process.files import DELETED
-from .process.sockets import Socket
 from .process.tree import Task, all_pids, read_stat
+
+if TYPE_CHECKING:
+    from .process.sockets import Socket
 
 KINDS = ("external-files", "shared-memory", "pipes", "unix-sockets", "namespaces", "devices",
          "shm")
@@ -318,6 +320,10 @@ def _scan_maps(t: Task, devs: set[int], tree: set[int], holders: Holders, r: Rep
 
 def _scan_unix(tasks: list[Task], tree: set[int], holders: Holders,
                r: Report) -> None:
+    # Loaded here, not at the top: restore imports this module for changed() only, and
+    # sock_diag's ctypes and socket cost its start-up ~7 ms. (The checkpoint's first scan
+    # runs before the freeze, so the window never pays for the import.)
+    from .process import sockets as sockets_mod
     r.sockets = sockets_mod.scan(tasks)
     for s in r.sockets:
         if s.family == "unix" and s.remote:

@@ -32,7 +32,7 @@ class Policy(BaseModel):
     """Counts per rule; 0 turns a rule off. Also the [retention] table of a backup job, so it
     validates what a job file gives it."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, defer_build=True)
 
     keep_last: Count = 0
     hourly: Count = 0

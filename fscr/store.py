@@ -119,9 +119,11 @@ class Store:
     def manifest_digest(self, ckpt_id: str) -> str:
         return (self.dir(ckpt_id) / "manifest.json.sha256").read_text().split()[0]
 
-    def verify_images(self, m: Manifest, advance: Callable[[int], None] | None = None) -> None:
-        """Every image file the manifest lists is present with its size and sha256, and no
-        other file is there (`advance` hears of the bytes hashed)."""
+    def verify_images(self, m: Manifest, advance: Callable[[int], None] | None = None,
+                      which: Callable[[str], bool] | None = None) -> None:
+        """Every image file the manifest lists is present with its size, and no other file is
+        there; the sha256 of those `which` selects by name (default: all). `advance` hears of
+        the bytes hashed."""
         images = self.images(m.id)
         present = {p.name for p in images.iterdir()} if images.is_dir() else set()
         listed = {i.name for i in m.images}
@@ -133,8 +135,9 @@ class Store:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is missing")
             if p.stat().st_size != img.size:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (size)")
-        digests = sha256_files([images / img.name for img in m.images], advance)
-        for img, got in zip(m.images, digests, strict=True):
+        chosen = [img for img in m.images if which is None or which(img.name)]
+        digests = sha256_files([images / img.name for img in chosen], advance)
+        for img, got in zip(chosen, digests, strict=True):
             if got != img.sha256:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")
 

@@ -64,3 +64,17 @@ def test_doctor_fails_clearly_without_pycriu(tmp_path: Path):
     assert report["missing"] == ["criu rpc"]
     row = {r["name"]: r for r in report["checks"]}["criu rpc"]
     assert "rpc_pb2" in row["detail"] and "scripts/setup" in row["detail"]
+
+
+def test_doctor_says_whether_lazy_restore_works_here():
+    rows = {r["name"]: r for r in json.loads(fscr("doctor", "--json").stdout)["checks"]}
+    criu = rows["criu"]["detail"].split()[0]
+    # asked of CRIU directly: userfaultfd and its non-cooperative events
+    works = all(subprocess.run([criu, "check", "--feature", f], capture_output=True)
+                .returncode == 0 for f in ("uffd", "uffd-noncoop"))
+    lazy = rows["lazy restore"]
+    assert lazy["ok"] == works and not lazy["essential"]
+    assert ("restore --lazy" in lazy["detail"]) if works else ("userfaultfd" in lazy["detail"])
+    hidden = json.loads(fscr("doctor", "--json", check=False,
+                             env={"FSCR_CRIU": "/nonexistent"}).stdout)
+    assert not {r["name"]: r for r in hidden["checks"]}["lazy restore"]["ok"]

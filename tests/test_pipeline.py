@@ -65,9 +65,9 @@ def test_restore_rolls_file_and_memory_back_together(btrfs_volume, workloads, st
     wait_for(lambda: (vol / "data").exists() and (vol / "data").stat().st_size > 640)
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
     snap_size = (Path(m["volumes"][0]["snapshot"]) / "data").stat().st_size
-    # It keeps writing after the checkpoint (--leave-running is the default): 100 records,
-    # 2 s of writing, so the restored writer (from the checkpoint's length) takes as long to
-    # get there again, however loaded the machine is when the restore returns.
+    # It keeps writing after the checkpoint (--leave-running is the default): 100 records
+    # (2 s of writing) past the snapshot, so the restored writer, which starts again from
+    # the snapshot's length, cannot have caught up by the time restore returns.
     ahead = snap_size + 100 * 64
     wait_for(lambda: (vol / "data").stat().st_size > ahead)
 

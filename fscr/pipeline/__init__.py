@@ -11,10 +11,21 @@ restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a m
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
-from .beside import finish_beside, restore_beside
+from typing import Any
+
 from .checkpoint import CheckpointRequest, check, checkpoint
 from .common import Progress, quiet, require_root, restore_lock, volume_lock, workload_lock
 from .restore import RestoreResult, delete, finish_restore, restore
+
+
+def __getattr__(name: str) -> Any:
+    # restore --beside loads on use: it brings copies.py and its models, which every other
+    # command (a plain restore above all, whose start-up is its wall time) does without.
+    if name in ("finish_beside", "restore_beside"):
+        from . import beside
+        return getattr(beside, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",
            "finish_beside", "finish_restore", "quiet", "require_root", "restore",

@@ -86,11 +86,14 @@ def in_background(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     return future.result
 
 
-def verify_in_background(store: Store, m: Manifest, progress: Progress) -> Callable[[], None]:
-    """The images' checksums, on another core, with a meter: the returned function waits
-    for them and raises what the check raised (BadManifest for a corrupt image)."""
-    shown = meter(progress, "checksum", sum(i.size for i in m.images)) if m.images else None
-    wait = in_background(store.verify_images, m, shown.advance if shown else None)
+def verify_in_background(store: Store, m: Manifest, progress: Progress,
+                         which: Callable[[str], bool] | None = None) -> Callable[[], None]:
+    """The images' checksums (of those `which` selects by name, default all), on another
+    core, with a meter: the returned function waits for them and raises what the check
+    raised (BadManifest for a corrupt image)."""
+    chosen = [i for i in m.images if which is None or which(i.name)]
+    shown = meter(progress, "checksum", sum(i.size for i in chosen)) if chosen else None
+    wait = in_background(store.verify_images, m, shown.advance if shown else None, which)
 
     def done() -> None:
         ok = False

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, copies, failures, locks, netlock, origins, preflight, relink, snapshot
+from .. import backends, failures, lazy, locks, netlock, origins, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..errors import (
@@ -19,6 +19,7 @@ from ..errors import (
     CriuFailed,
     FscrError,
     NoSuchCheckpoint,
+    PagesCorrupt,
     Refused,
     RestoreRolledBack,
     TreeStillRunning,
@@ -55,9 +56,12 @@ class RestoreResult:
 
 def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
             force: bool = False, volumes_only: bool = False, rollback: bool = False,
-            progress: Progress = quiet) -> RestoreResult:
+            progress: Progress = quiet, lazy: bool = False) -> RestoreResult:
     """Put the volumes back as they were at the checkpoint and restore the tree. With
     `rollback` (LVM only), the volumes' logical volumes are merged back, not mounted over.
+    With `lazy`, the tree's memory is served on demand by CRIU's lazy-pages daemon
+    (fscr/lazy.py); its page images are verified while the tree runs, and a corrupt one
+    kills the tree and puts the volumes back (PagesCorrupt). It returns once every page is in.
 
     Every check runs before anything is killed or swapped. If anything fails after the swap,
     the volumes are swapped back (their restored copies removed); if that fails too, or fscr
@@ -72,9 +76,12 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
         if dead:
             raise Refused(f"an earlier {dead[0].op} of checkpoint {m.id} died unfinished; "
                           "run `fscr gc` first")
+        if lazy and (volumes_only or not backends.get(m.backend).writes_image):
+            raise Refused(f"checkpoint {m.id}: --lazy restores processes; there are none to "
+                          "restore here")
         run = _Restore(store, m, Timings(progress=progress),
                        snapshot.get(m.snapshot, rollback=rollback), backends.get(m.backend),
-                       rollback)
+                       rollback, lazy)
         return run.execute(replace, force, volumes_only)
 
 
@@ -86,6 +93,8 @@ class _Restore:
     provider: snapshot.Provider
     backend: backends.Backend
     rollback: bool = False  # journaled, so gc can restore again the way the user asked
+    lazy: bool = False
+    daemon: Task | None = None  # the lazy-pages daemon, once started
 
     def execute(self, replace: bool, force: bool, volumes_only: bool) -> RestoreResult:
         processes = self.backend.writes_image and not volumes_only
@@ -95,7 +104,8 @@ class _Restore:
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
                                      volumes=[v.path for v in self.m.volumes],
                                      snapshot=self.m.snapshot, volumes_only=volumes_only,
-                                     rollback=self.rollback, cgroup=self.cgroup.model_dump())
+                                     rollback=self.rollback, cgroup=self.cgroup.model_dump(),
+                                     lazy=self.lazy)
         swapped: list[Swap] = []
         pid = None
         try:
@@ -108,12 +118,20 @@ class _Restore:
             if processes:
                 with self.t.stage("restore"):
                     pid = self.restore_processes(cgroup=(self.cgroup.kind, self.cgroup.path))
+                if self.lazy:
+                    self.settle_lazy(pid)
         except BaseException as e:
+            if self.daemon is not None:  # its tree is dead or was never restored
+                lazy.stop(self.daemon)
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
             if isinstance(e, CriuFailed):
                 e = self.keep_failure(e, replace=replace, volumes_only=volumes_only)
             self.journal.close()
+            if isinstance(e, PagesCorrupt):
+                killed = "; the old tree was killed by --replace" if live else ""
+                raise PagesCorrupt(f"{e}: the lazily restored tree was killed and the volumes "
+                                   f"were put back as they were{killed}") from None
             if isinstance(e, FscrError) and swapped:
                 killed = " (the old tree was killed by --replace)" if live else ""
                 raise RestoreRolledBack(
@@ -145,7 +163,9 @@ class _Restore:
         The images' checksums (~0.85 ms per MB here, SHA-256 itself) are computed on another
         core while the other checks read /proc and the volumes; a corrupt image is reported
         first, as if it had been checked first."""
-        verified = verify_in_background(self.store, self.m, self.t.progress)
+        # A lazy restore checks the page images (the bulk) while the tree runs.
+        which = (lambda name: not lazy.is_page_image(name)) if self.lazy else None
+        verified = verify_in_background(self.store, self.m, self.t.progress, which)
         try:
             return self.validate_tree(processes, replace, force)
         finally:
@@ -269,18 +289,40 @@ class _Restore:
         try:
             for r in self.m.relinks:
                 fds.append((relink.reopen(r, where.get(r.volume, Path(r.volume))), r.key))
+            if self.lazy:
+                self.daemon = lazy.start(self.store.images(self.m.id), self.store.dir(self.m.id),
+                                         self.store.dir(self.m.id) / "criu-lazy-pages.log",
+                                         lambda t: self.journal.note("lazy", pid=t.pid,
+                                                                     starttime=t.starttime))
             pid = self.backend.restore(RestoreRequest(
                 images=self.store.images(self.m.id),
                 log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
                 inherit=fds, tcp=self.m.tcp, netns=self.netns, options=frozenset(self.m.needs),
-                binds=tuple((str(c), v) for v, c in where.items()), cgroup=cgroup),
-                noting_pid(self.journal))
+                binds=tuple((str(c), v) for v, c in where.items()), cgroup=cgroup,
+                lazy=self.lazy), noting_pid(self.journal))
         finally:
             for fd, _ in fds:
                 os.close(fd)
         self.journal.note("restored", pid=pid)
         pidfile.unlink(missing_ok=True)
         return pid
+
+    def settle_lazy(self, pid: int) -> None:
+        """The tree runs on lazily served memory: verify the page images (on failure, kill
+        the tree and raise PagesCorrupt), then wait for the daemon to hand over the rest."""
+        with self.t.stage("verify pages"):
+            try:
+                verify_in_background(self.store, self.m, self.t.progress, lazy.is_page_image)()
+            except BadManifest as e:
+                lazy.kill_tree(pid)
+                raise PagesCorrupt(str(e)) from None
+            self.journal.note("verified")
+        with self.t.stage("pages in"):
+            # Not killed if it is slow: that would zero the pages it has not copied. Past the
+            # wait it finishes alone (the tree is verified and runs).
+            if self.daemon is not None and lazy.wait(self.daemon, timeout=600):
+                self.daemon = None
+        (self.store.dir(self.m.id) / lazy.SOCKET).unlink(missing_ok=True)
 
 
 @dataclass
@@ -330,6 +372,7 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     require_root()
     store = Store.open(store_dir)
     if is_copy(name):
+        from .. import copies  # loaded on use: a restore never needs it
         return copies.delete(store.root, name)
     if is_rescue(name):
         for r in store.rescues():

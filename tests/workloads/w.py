@@ -42,6 +42,8 @@ shared DIR            a parent and a child sharing anonymous memory and a memfd:
                       request (the counts go on rising only while the memory is shared)
 echo DIR PORT         a server on 127.0.0.1:PORT that answers each connection's line with
                       "echo <line>" and closes it (short connections, one command each)
+memory DIR MB         holds MB of random anonymous memory and counts into DIR/history;
+                      reports the memory's sha256 to DIR/memory.json on request
 unixq DIR             stream, dgram and seqpacket socketpairs with data queued, unread; on
                       DIR/report-unixq.json appearing, reads it all and reports it
 """
@@ -428,6 +430,23 @@ def unixq(d):
                     pass
                 got[kind] = msgs
             atomic(os.path.join(d, "unixq.json"), json.dumps(got))
+        time.sleep(TICK)
+
+
+def memory(d, mb):
+    held = bytearray(os.urandom(1 << 20) * int(mb))  # touched: resident, no zero pages
+    held[::4096] = os.urandom(len(held[::4096]))  # each page differs from its neighbours
+    history = open(os.path.join(d, "history"), "a")
+    trigger = os.path.join(d, "report-memory.json")
+    n = 0
+    while True:
+        n += 1
+        history.write(f"{n}\n")
+        history.flush()
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            atomic(os.path.join(d, "memory.json"),
+                   json.dumps({"sha256": hashlib.sha256(held).hexdigest()}))
         time.sleep(TICK)
 
 
