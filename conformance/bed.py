@@ -54,7 +54,8 @@ def _prctl_subreaper(on: bool) -> None:
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of `pid`, None when it is gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        # A task's name is any bytes (one named b"sl\xffeep" ran here): not always UTF-8.
+        raw = Path(f"/proc/{pid}/stat").read_text(errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
     fields = raw.rpartition(")")[2].split()

@@ -52,6 +52,16 @@ def _criu() -> Row:
     return Row("criu", True, True, f"{found.path} {ver} ({found.why}); criu check: Looks good.")
 
 
+def _criu_rpc() -> Row:
+    """fscr drives CRIU over its RPC interface (criu swrk), with pycriu's messages."""
+    try:
+        mod = criu.rpc()
+    except FscrError as e:
+        return Row("criu rpc", False, True, str(e))
+    return Row("criu rpc", True, True, "CRIU runs over RPC (criu swrk, notifications on); "
+               f"messages from pycriu ({Path(mod.__file__ or '').parent})")
+
+
 def _cgroup_v2() -> Row:
     root = freezer.v2_root()
     if root is None:
@@ -146,8 +156,8 @@ def _lazy() -> Row:
 
 def run_checks() -> list[Row]:
     v2, v1 = _cgroup_v2(), _cgroup_v1()
-    return [_root(), _kernel(), _criu(), _freezer_any(v2, v1), v2, v1, _btrfs(), _lvm(), _loop(),
-            _cap_sys_resource(), _run_tmpfs(), _lazy()]
+    return [_root(), _kernel(), _criu(), _criu_rpc(), _freezer_any(v2, v1), v2, v1, _btrfs(),
+            _lvm(), _loop(), _cap_sys_resource(), _run_tmpfs(), _lazy()]
 
 
 def as_dicts(rows: list[Row]) -> list[dict]:
@@ -163,7 +173,7 @@ def for_checkpoint(store: Store, ckpt_id: str) -> list[Row]:
         return [Row(f"checkpoint {ckpt_id}", False, True, str(e))]
     rows = [Row(f"checkpoint {ckpt_id}", True, True, "manifest and images verified")]
     if m.backend == "criu":
-        rows.append(_criu())
+        rows += [_criu(), _criu_rpc()]
         features = {"established": ["tcp_half_closed", "network_lock_nftables"]}.get(m.tcp, [])
         found = criu.find()
         for feat in features:

@@ -101,6 +101,11 @@ class Busy(FscrError):
     exit_code = 14
 
 
+class Raced(Busy):
+    """The tree changed while it was stopped in a way that would have made CRIU copy an
+    unlinked file into the image; the run was undone (checkpoint retries it once)."""
+
+
 class Refused(FscrError):
     """The request is understood but unsafe (e.g. --snapshot none with unlinked files)."""
 

@@ -17,14 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import failures, lazy, locks, origins, pipeline, relink, snapshot
+from . import failures, lazy, locks, netlock, origins, pipeline, relink, snapshot
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
 from .manifest import Manifest
 from .names import copy_cgroup, is_copy
-from .pipeline import finish_restore, restore_lock, volume_lock, workload_lock
-from .pipeline.restore import drop_netlock
+from .pipeline import finish_restore, restore_lock, trust, volume_lock, workload_lock
 from .process import freezer
 from .process.freezer import Cgroup
 from .process.target import put_back
@@ -82,14 +81,13 @@ def _relink_steps(plan: Plan) -> None:
 
 
 def _draft(store: Store, run: Run) -> Manifest | None:
-    """The manifest a --tcp established run journaled before CRIU (which kills the tree),
-    with the network lock CRIU's log names."""
+    """The manifest a --tcp established run journaled at CRIU's post-dump (CRIU kills the
+    tree once answered), with the network lock of the dump's run id."""
     drafts = run.events("draft")
-    log = store.dir(run.id) / "criu-dump.log"
-    if not drafts or not log.exists():
+    if not drafts or not store.images(run.id).exists():
         return None
     m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
-    return m.model_copy(update={"netlock": criu_log.lock_table(log)})
+    return m.model_copy(update={"netlock": netlock.of_images(store.images(run.id))})
 
 
 def _commit_draft(store: Store, m: Manifest) -> None:
@@ -109,7 +107,9 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
                  "image is all that is left of it", lambda: _commit_draft(store, draft))
         return plan
     if draft is not None and draft.netlock is not None:
-        plan.add(f"remove network lock {draft.netlock}", lambda: drop_netlock(store, draft))
+        plan.add(f"remove network lock {draft.netlock}",
+                 lambda: netlock.release(draft.netlock, lambda: trust.netns_path(store.root,
+                                                                                 draft)))
     if not store.committed(run.id):
         provider = _provider(run)
         made = [provider.find(Path(e["volume"]), run.id, e["n"]) for e in run.events("snapshot")]

@@ -8,7 +8,9 @@ or complete what the run did.
 
 Test facilities (docs/testing.md): FSCR_TEST_KILL_AT=<event> makes fscr SIGKILL itself right
 after it noted that event, to prove every stage is recoverable; FSCR_TEST_PAUSE_AT=<event>:<s>
-makes it sleep there, to stretch a stage (the watchdog's --max-freeze is tested so).
+makes it sleep there, to stretch a stage (the watchdog's --max-freeze is tested so);
+FSCR_TEST_KILL_CRIU_AT=<event> makes fscr SIGKILL the CRIU its journal names right after it
+noted that event (CRIU dying while it holds the tree stopped).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .process.tree import Task, read_stat
 
 KILL_AT_ENV = "FSCR_TEST_KILL_AT"
 PAUSE_AT_ENV = "FSCR_TEST_PAUSE_AT"
+KILL_CRIU_AT_ENV = "FSCR_TEST_KILL_CRIU_AT"
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Journal:
             os.close(fd)
         if os.environ.get(KILL_AT_ENV) == event:
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(KILL_CRIU_AT_ENV) == event:
+            criu = Run(self.path, read(self.path)).events("criu")
+            if criu and Task(criu[-1]["pid"], criu[-1]["starttime"]).alive():
+                os.kill(criu[-1]["pid"], signal.SIGKILL)
         pause_event, _, seconds = os.environ.get(PAUSE_AT_ENV, "").partition(":")
         if pause_event == event:
             time.sleep(float(seconds))

@@ -209,9 +209,17 @@ def ask(vol: Path, name: str, timeout: float = 30) -> dict:
 
 def wait_unlinked(pid: int, path: Path, timeout: float = 30) -> None:
     """Until `pid` holds `path` open by fd with its name gone ("(deleted)")."""
-    wait_for(lambda: f"{path} (deleted)" in
-             [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
-             timeout, f"{path} to be written and unlinked")
+    def targets() -> list[str]:
+        out = []
+        for n in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+            except FileNotFoundError:  # closed since the listing (the workload starting up)
+                continue
+        return out
+
+    wait_for(lambda: f"{path} (deleted)" in targets(), timeout,
+             f"{path} to be written and unlinked")
 
 
 def take_pid(pid: int) -> subprocess.Popen[bytes]:

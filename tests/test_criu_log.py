@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fscr.backends.criu_log import explain, lock_table, table_of
+from fscr.backends.criu_log import explain
+from fscr.netlock import of_images, table_of
 
 NOISE = "(00.040190) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: " \
         "Operation not permitted"
@@ -64,8 +65,14 @@ def test_no_log_falls_back_to_stderr(tmp_path: Path):
 
 
 def test_the_network_lock_is_named_as_criu_names_its_table(tmp_path: Path):
-    # criu/netfilter.c: snprintf(table, 32, "inet CRIU-%s", run_id) keeps 21 characters.
-    f = tmp_path / "criu-dump.log"
-    f.write_text("(00.000120) CRIU run id = 3f6c1d2e-5b7a-4c9d-8e0f-1a2b3c4d5e6f\n")
-    assert lock_table(f) == "CRIU-3f6c1d2e-5b7a-4c9d-8e"
+    # criu/netfilter.c: snprintf(table, 32, "inet CRIU-%s", run_id) keeps 21 characters; the
+    # run id is the one CRIU recorded in inventory.img (written here by pycriu, as CRIU does).
+    from pycriu import images
+
+    with open(tmp_path / "inventory.img", "wb") as f:
+        images.dump({"magic": "INVENTORY", "entries": [{
+            "img_version": 2, "fdinfo_per_id": True, "lsmtype": "NO_LSM",
+            "dump_criu_run_id": "3f6c1d2e-5b7a-4c9d-8e0f-1a2b3c4d5e6f"}]}, f)
+    assert of_images(tmp_path) == "CRIU-3f6c1d2e-5b7a-4c9d-8e"
+    assert of_images(tmp_path / "missing") is None
     assert table_of("CRIU-3f6c1d2e-5b7a-4c9d-8e0f-1a2b3c4d5e6f") == "CRIU-3f6c1d2e-5b7a-4c9d-8e"

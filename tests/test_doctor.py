@@ -14,7 +14,8 @@ def test_doctor_finds_every_essential_and_reports_what_this_machine_lacks():
     report = json.loads(out.stdout)
     rows = {r["name"]: r for r in report["checks"]}
     assert report["ok"] and report["missing"] == []
-    for name in ("root", "kernel checkpoint/restore", "criu", "cgroup freezer", "btrfs"):
+    for name in ("root", "kernel checkpoint/restore", "criu", "criu rpc", "cgroup freezer",
+                 "btrfs"):
         assert rows[name]["ok"], rows[name]
     assert "4.2.1" in rows["criu"]["detail"] and "Looks good" in rows["criu"]["detail"]
     # What is optional is reported as this machine has it, asked of the kernel directly.
@@ -51,6 +52,18 @@ def test_doctor_reports_a_bad_fscr_criu_setting():
     report = json.loads(out.stdout)
     assert report["missing"] == ["criu"]
     assert "/nonexistent" in {r["name"]: r for r in report["checks"]}["criu"]["detail"]
+
+
+def test_doctor_fails_clearly_without_pycriu(tmp_path: Path):
+    # A pycriu package without its generated RPC messages shadows the installed one.
+    (tmp_path / "pycriu").mkdir()
+    (tmp_path / "pycriu" / "__init__.py").write_text("")
+    out = fscr("doctor", "--json", check=False, env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 11
+    report = json.loads(out.stdout)
+    assert report["missing"] == ["criu rpc"]
+    row = {r["name"]: r for r in report["checks"]}["criu rpc"]
+    assert "rpc_pb2" in row["detail"] and "scripts/setup" in row["detail"]
 
 
 def test_doctor_says_whether_lazy_restore_works_here():

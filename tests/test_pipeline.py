@@ -20,6 +20,8 @@ from conftest import (
     wait_unlinked,
 )
 
+from fscr.process import freezer
+
 
 def relinks_on(volume: Path) -> list[str]:
     d = volume / "lost+found" / "checkpoint"
@@ -383,3 +385,21 @@ def test_a_copy_beside_needs_a_tree_in_its_own_pid_namespace(btrfs_volume, workl
     out = fscr("restore", m["id"], "--beside", store=store, check=False)
     assert out.returncode == 15 and "fscr run --pidns" in out.stderr
     assert not list((btrfs_volume.mnt / ".fscr-snapshots").glob("copy_*"))
+
+
+def test_an_unlinked_file_criu_would_copy_fails_the_checkpoint_and_leaves_nothing(
+        btrfs_volume, workloads, store):
+    # The scan misses the unlinked file (FSCR_TEST_SCAN_MISSES, as if it raced an unlink):
+    # CRIU copies it as a ghost file, fscr sees it in the image, fails, retries once, fails.
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("unlinked0", str(vol), "4096")
+    wait_unlinked(pid, vol / "big")
+    out = fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), "--id", "raced",
+               store=store, check=False, env={"FSCR_TEST_SCAN_MISSES": "1"})
+    assert out.returncode == 14, out.stderr
+    assert "copied 1 unlinked file(s) into the image" in out.stderr
+    assert f"{vol}/big" in out.stderr
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    assert relinks_on(vol) == [] and not (vol.parent / ".fscr-snapshots" / "raced").exists()
+    assert not (store / "checkpoints" / "raced").exists()
+    assert json.loads(fscr("list", "--json", store=store).stdout)["checkpoints"] == []

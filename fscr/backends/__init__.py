@@ -1,7 +1,10 @@
 """Process-state backends behind one interface: check, dump, restore.
 
 `criu` writes a process image; `freeze-only` writes none, for filesystem-consistent backups
-taken at one frozen instant.
+taken at one frozen instant. A dump calls the pipeline's DumpHooks in one order whichever
+backend runs: started (a helper runs), stop (freeze the tree), externals (the tree is
+stopped: which files are external), dumped (the image is written and the tree still
+stopped: snapshot the volumes). Then the pipeline thaws, or the backend has killed the tree.
 """
 
 from __future__ import annotations
@@ -14,13 +17,32 @@ from typing import Protocol
 from ..errors import BadInput
 
 
+class DumpHooks(Protocol):
+    """The pipeline's part of a dump, called by the backend in this order. An exception from
+    a hook fails the dump: the backend has the tree released as it was (alive), then raises
+    that exception."""
+
+    def started(self, pid: int) -> None:
+        """A helper process (CRIU) runs: journal it, so the watchdog and gc find it."""
+
+    def stop(self) -> None:
+        """Freeze the tree (CRIU's pre-dump: it has started up and seized nothing yet)."""
+
+    def externals(self) -> list[str]:
+        """The tree is stopped: re-check it, and name the files the dumper is to leave out
+        of the image as external (CRIU keys file[mnt:ino]) because fscr relinks them."""
+
+    def dumped(self) -> None:
+        """The image is written and every task still stopped: make the volumes consistent
+        with it (relink, snapshot, unrelink)."""
+
+
 @dataclass(frozen=True)
 class DumpRequest:
     root_pid: int
     images: Path
     log: Path
-    freeze_cgroup: Path  # sysfs path of the frozen cgroup; CRIU must be told (else it hangs)
-    externals: list[str]  # CRIU external-file keys: file[mnt:ino]
+    freeze_cgroup: Path  # sysfs path of the cgroup fscr freezes at `stop`; CRIU must know it
     leave_running: bool  # False: the backend kills the tree after the dump
     tcp: str = "refuse"  # "established": dump connections (repair mode); "close": as closed
     netns: str | None = None  # run the dumper in this network namespace (setns), if given
@@ -53,10 +75,13 @@ class Backend(Protocol):
     def check(self) -> None:
         """Raise MissingDependency unless this backend can run here."""
 
-    def dump(self, req: DumpRequest, started: Callable[[int], None]) -> str | None:
-        """Dump the frozen tree; on failure raise and leave the tree frozen, as found.
-        `started` gets the PID of a helper process (CRIU) as soon as it runs. Returns the
-        name of a network lock left in place for the restore (--tcp established), if any."""
+    def dump(self, req: DumpRequest, hooks: DumpHooks) -> str | None:
+        """Dump the tree, calling `hooks` in order (see DumpHooks). On failure raise, the
+        tree left as `stop` found it (frozen, if it was frozen). Returns the name of a
+        network lock left in place for the restore (--tcp established), if any."""
+
+    def copied_unlinked(self, images: Path, under: list[Path]) -> list[str]:
+        """Unlinked files under `under` the image holds a copy of (CRIU's ghost files)."""
 
     def restore(self, req: RestoreRequest, started: Callable[[int], None]) -> int:
         """Restore the tree detached; returns the root PID."""

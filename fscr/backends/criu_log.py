@@ -1,5 +1,5 @@
 """What CRIU's log says: the error that explains a failure (with a hint where fscr knows one),
-whether a dump finished, and the network lock it made.
+and whether a dump finished. (The network lock's name: netlock.py, from the images.)
 
 CRIU ends every failed run with generic lines ("Dumping FAILED.", "Dump mappings (pid: N)
 failed with -1"), and on some machines logs harmless errors first; the line that explains is
@@ -67,7 +67,7 @@ def explain(log: Path, stderr: str = "") -> Explained:
     """The first error of CRIU's log that explains its failure; else its last error line, or
     its stderr. Never empty."""
     errors = [m.group(1) for ln in _read(log) if (m := _ERROR.match(ln.strip()))]
-    causes = [e for e in errors if not _NOISE.search(e) and not _SUMMARY.search(e)]
+    causes = [e for e in errors if explains(e)]
     if causes:
         cause = causes[0]
     elif errors:
@@ -78,6 +78,11 @@ def explain(log: Path, stderr: str = "") -> Explained:
     return Explained(cause, hint)
 
 
+def explains(error: str) -> bool:
+    """Whether one of CRIU's error messages can be a cause (not noise, not a summary)."""
+    return not _NOISE.search(error) and not _SUMMARY.search(error)
+
+
 def mentions(log: Path, text: str) -> bool:
     return any(text in ln for ln in _read(log))
 
@@ -85,19 +90,3 @@ def mentions(log: Path, text: str) -> bool:
 def dump_finished(log: Path) -> bool:
     """CRIU logs this last, once every image is written."""
     return mentions(log, "Dumping finished successfully")
-
-
-def lock_table(log: Path) -> str | None:
-    """The nftables table of a dump's network lock, from the run id CRIU logs. CRIU builds
-    the name in a 32-byte buffer ("inet CRIU-%s", criu/netfilter.c): only the first 21
-    characters of the 36-character id make it into the table's name."""
-    for ln in _read(log):
-        if m := re.search(r"CRIU run id = ([0-9a-f-]{36})", ln):
-            return table_of(m.group(1))
-    return None
-
-
-def table_of(run_id: str) -> str:
-    """CRIU's nftables lock table for run id `run_id` (or for a table name recorded whole by
-    fscr 0.1, before it knew of the truncation)."""
-    return f"CRIU-{run_id.removeprefix('CRIU-')[:21]}"

@@ -1,7 +1,8 @@
 """Checkpoint and restore as named stages, each side effect journaled before it is made.
 
-checkpoint (checkpoint.py): check -> lock -> isolate -> watchdog -> freeze -> scan -> relink
-    -> snapshot -> dump -> unrelink -> commit -> (kill) -> thaw
+checkpoint (checkpoint.py): check -> lock -> isolate -> watchdog -> CRIU starts (RPC) ->
+    [pre-dump] freeze -> [query-ext-files] scan, externals -> CRIU dumps -> [post-dump] ghost
+    check -> relink -> snapshot -> unrelink -> CRIU answered -> commit -> (kill) -> thaw
 restore (restore.py): lock -> validate -> make room -> swap volumes in -> reopen relinks
     -> CRIU restore -> finish (lineage, unlink relinks, seal rescue snapshots, cgroup)
 restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a mount

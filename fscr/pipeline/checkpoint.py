@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import BadVolume, CriuFailed, FreezeTimeout, Refused
+from ..errors import BadVolume, CriuFailed, FreezeTimeout, Raced, Refused
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -54,6 +54,8 @@ from .common import (
 )
 
 TCP_MODES = ("refuse", "established", "close")
+# Test facility: the scan finds no unlinked file, as if each were unlinked just after it.
+SCAN_MISSES_ENV = "FSCR_TEST_SCAN_MISSES"
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,24 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     backend.check()
     root, named = resolve(req.target)
     tree = descendants(root)
-    run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
-                      Timings(progress=progress),
-                      placement=netns.classify(root, {t.pid for t in tree}))
-    run.preflight(tree)  # before freezing: refuse without ever freezing
+    placement = netns.classify(root, {t.pid for t in tree})
+
+    def attempt(tasks: list[Task]) -> _Checkpoint:
+        run = _Checkpoint(req, store, ckpt_id, provider, backend, volumes, root,
+                          Timings(progress=progress), placement=placement)
+        run.preflight(tasks)  # before freezing: refuse without ever freezing
+        run.asked = frozenset(run.report.needs)  # what CRIU is told the tree needs
+        return run
+
+    run = attempt(tree)
     with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
-        return run.execute(named)
+        try:
+            return run.execute(named)
+        except Raced:
+            # Undone entirely (the tree runs on): once more, as DESIGN says; a second race
+            # is reported.
+            progress("retry")
+            return attempt(descendants(root)).execute(named)
 
 
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
@@ -153,6 +167,7 @@ class _Checkpoint:
     placement: netns.Placement
     snaps: list[str] = field(default_factory=list)
     committed: bool = False
+    asked: frozenset[str] = frozenset()  # the needs CRIU was started with (preflight's)
 
     def execute(self, named: Cgroup | None) -> Manifest:
         self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
@@ -203,21 +218,23 @@ class _Checkpoint:
         return e.kept_at(kept / log.name) if kept is not None else e
 
     def frozen_window(self, cg: Cgroup, moved: dict[int, str]) -> Manifest:
-        dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
-        self.journal.note("freeze", cgroup=str(cg.path), kind=cg.kind)
-        t0 = time.monotonic()
+        """The backend runs and calls this run's DumpHooks (started, stop, externals,
+        dumped): fscr freezes once CRIU has started up, and does its scan, relinks and
+        snapshots while CRIU holds the tree stopped. The watchdog is armed before the freeze;
+        the tree is thawed however this ends (or CRIU has killed it: --tcp established)."""
+        self.cg, self.moved, self.frozen_at = cg, moved, None
+        self.dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
         m = None
         try:
-            cg.freeze()
-            self.capture(cg, moved, dog)
+            self.dump(cg)
             if self.req.tcp == "established":
                 # CRIU killed the tree itself, its connections silenced: the image is all
                 # that is left, so it is committed whatever the watchdog says.
-                m = self.commit(time.monotonic() - t0)
+                m = self.commit(self.window())
             elif self.req.kill:
                 # Commit while the tree is still frozen, then kill it: a run that dies before
                 # the commit leaves the tree running (the watchdog or gc thaws it).
-                m = self.commit(time.monotonic() - t0)
+                m = self.commit(self.window())
                 self.journal.note("kill", pids=[x.pid for x in self.tasks])
                 # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
                 # an init that dies takes its PID namespace along.
@@ -227,39 +244,79 @@ class _Checkpoint:
         finally:
             try:
                 cg.thaw()  # an undo: made first, noted after (a full store must not stop it)
-                window = time.monotonic() - t0
+                window = self.window()
             finally:
-                why = dog.stop()
-            with contextlib.suppress(OSError):
-                self.journal.note("thawed", cgroup=str(cg.path))
+                why = self.dog.stop()
+            if self.frozen_at is not None:
+                with contextlib.suppress(OSError):
+                    self.journal.note("thawed", cgroup=str(cg.path))
         if m is not None:
             return m
         if why is not None:
             raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
         return self.commit(window)
 
-    def capture(self, cg: Cgroup, moved: dict[int, str], dog: Watchdog) -> None:
-        """Everything done while frozen: scan, relink, snapshot, dump, unrelink."""
+    def window(self) -> float:
+        return time.monotonic() - self.frozen_at if self.frozen_at is not None else 0.0
+
+    # DumpHooks: what fscr does inside CRIU's stop, in CRIU's order.
+
+    def started(self, pid: int) -> None:
+        noting_pid(self.journal)(pid)
+
+    def stop(self) -> None:
+        """CRIU's pre-dump: it has started up and probed the kernel, and seizes nothing
+        yet. fscr freezes with its own freezer (CRIU's polls in 100 ms steps; a frozen
+        cgroup it seizes at once)."""
+        self.journal.note("freeze", cgroup=str(self.cg.path), kind=self.cg.kind)
+        self.frozen_at = time.monotonic()
+        self.cg.freeze()
+        self.watchdog_ok()
+
+    def externals(self) -> list[str]:
+        """CRIU's query-ext-files: the tree is stopped and no file is dumped yet. Scan it
+        again (it may have changed before the freeze) and name the unlinked files fscr
+        relinks, which CRIU then leaves out of the image."""
         with self.t.stage("scan"):
-            self.tasks = descendants(self.root)  # again: it may have changed before the freeze
+            self.tasks = descendants(self.root)
             self.preflight(self.tasks)
-            unlinked = self.unlinked_files(self.tasks)
-            self.cg, self.moved = cg, moved
+            self.unlinked = self.unlinked_files(self.tasks)
+        if not self.report.needs <= self.asked:
+            # CRIU was started with what the tree needed before the freeze (a terminal, file
+            # locks, ...); a need that appeared since would fail its dump: start over.
+            raise Raced(f"the tree changed before the freeze (it now needs "
+                        f"{', '.join(sorted(self.report.needs - self.asked))}); try again")
+        self.watchdog_ok()
+        return list(self.unlinked)
+
+    def dumped(self) -> None:
+        """CRIU's post-dump: the images are written and every task still stopped. A file
+        CRIU copied as a ghost means the scan raced a change: fail (CRIU lets the tree go
+        on). Else relink, snapshot every volume, and remove the relinks again."""
+        with self.t.stage("ghost check"):
+            copied = [p for p in self.backend.copied_unlinked(self.store.images(self.id),
+                                                              self.volumes)
+                      if p not in self.left_to_criu]
+        if copied:
+            raise Raced(f"CRIU copied {len(copied)} unlinked file(s) into the image "
+                        f"({', '.join(copied[:3])}): the tree changed while fscr scanned "
+                        "it; try again")
         try:
-            self.relinks = self.relink(unlinked)
-            self.check(dog)
+            self.relinks = self.relink(self.unlinked)
+            self.watchdog_ok()
             with self.t.stage("snapshot"):
                 for n, vol in enumerate(self.volumes):
                     self.journal.note("snapshot", volume=str(vol), n=n)
                     self.snaps.append(self.provider.create(vol, self.id, n))
-            self.check(dog)
-            self.dump(cg, list(unlinked))
+            self.watchdog_ok()
+            if self.req.tcp == "established":
+                # CRIU kills the tree once answered: if fscr dies after that, gc commits
+                # this draft (if fscr dies before, CRIU lets the tree run on).
+                self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
         finally:
             with self.t.stage("unrelink"):
                 for vol in self.volumes:
                     relink.remove_relinks(vol, self.id)
-        if self.req.tcp != "established":
-            self.check(dog)
 
     def preflight(self, tasks: list[Task]) -> None:
         """Before the freeze, and again once frozen (the tree may have changed): refuse what
@@ -287,8 +344,8 @@ class _Checkpoint:
             raise Refused(f"the tree has {len(connected)} TCP connection(s): {listed}. Choose "
                           "--tcp established (keep them, with --kill) or --tcp close")
 
-    def check(self, dog: Watchdog) -> None:
-        why = dog.fired()
+    def watchdog_ok(self) -> None:
+        why = self.dog.fired()
         if why is not None:
             raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
 
@@ -302,13 +359,17 @@ class _Checkpoint:
         watches = set().union(*(watched(t.pid) for t in tasks))
         sb = {m.id: m.dev for m in mount_table()} if watches else {}
         unlinked: dict[str, OpenFile] = {}
+        self.left_to_criu: set[str] = set()  # the ghost check expects these in the image
         for task in tasks:
             for f in open_files(task.pid):
                 if not f.deleted or f.dev not in devs:
                     continue
                 if f.nlink == 0 and (*sb.get(f.mnt_id, (-1, -1)), f.ino) in watches:
+                    self.left_to_criu.add(f.path)
                     continue
                 unlinked.setdefault(f.external_key, f)
+        if os.environ.get(SCAN_MISSES_ENV):  # test facility (docs/testing.md): a raced scan
+            unlinked = {}
         if unlinked and self.provider.name == "none":
             raise Refused(
                 f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "
@@ -325,27 +386,22 @@ class _Checkpoint:
                 out.append(relink.relink(f, vol, self.id, n))
         return out
 
-    def dump(self, cg: Cgroup, externals: list[str]) -> None:
+    def dump(self, cg: Cgroup) -> None:
         inside = self.placement.treatment == "external"
         with self.t.stage("dump"):
-            if self.req.tcp == "established":
-                # CRIU will kill the tree: if fscr dies after that, gc commits this draft.
-                self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
             self.journal.note("dump", images=str(self.store.images(self.id)))
             # CRIU says nothing while it writes: the image directory's growth is the progress.
             shown = self.t.progress if self.backend.writes_image else quiet
             with watching(shown, "images written", self.store.images(self.id)):
-                self.netlock = self.dump_images(cg, externals, inside)
+                self.netlock = self.backend.dump(DumpRequest(
+                    root_pid=self.root, images=self.store.images(self.id),
+                    log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
+                    leave_running=self.req.tcp != "established", tcp=self.req.tcp,
+                    netns=f"/proc/{self.root}/ns/net" if inside else None,
+                    options=self.asked), self)
             self.journal.note("dumped")
-
-    def dump_images(self, cg: Cgroup, externals: list[str], inside: bool) -> str | None:
-        return self.backend.dump(DumpRequest(
-            root_pid=self.root, images=self.store.images(self.id),
-            log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
-            externals=externals, leave_running=self.req.tcp != "established",
-            tcp=self.req.tcp, netns=f"/proc/{self.root}/ns/net" if inside else None,
-            options=frozenset(self.report.needs)),
-            noting_pid(self.journal))
+        if self.req.tcp != "established":
+            self.watchdog_ok()
 
     def commit(self, window: float) -> Manifest:
         self.t.seconds["freeze_window"] = round(window, 6)

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, failures, lazy, locks, origins, preflight, relink, snapshot
+from .. import backends, failures, lazy, locks, netlock, origins, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
-from ..backends.criu_log import table_of as criu_table
 from ..errors import (
     BadManifest,
     CriuFailed,
@@ -28,7 +27,7 @@ from ..errors import (
 from ..journal import Journal
 from ..manifest import Manifest
 from ..names import check_id, is_copy, is_rescue, lv_rescue_name
-from ..process import freezer, netns
+from ..process import freezer
 from ..process.files import holders
 from ..process.target import put_back
 from ..process.tree import Task, descendants, read_stat
@@ -194,7 +193,7 @@ class _Restore:
             if snap is not None and Path(snap).is_dir() and not relink.present(Path(snap), r.name):
                 raise BadManifest(f"checkpoint {m.id}: relinked file {r.name} is missing "
                                   f"from snapshot {snap}")
-        self.netns = netns.resolve(trust.placement(self.store.root, m)) if processes else None
+        self.netns = trust.netns_path(self.store.root, m) if processes else None
         differ = preflight.changed(m.unchanged) if processes else []
         if differ:
             raise Refused(f"{differ[0]} changed since checkpoint {m.id} (the tree had it open "
@@ -333,19 +332,6 @@ class Swap:
     copy: str | None = None  # what swap_in made, once it has (the journal's "copy")
 
 
-def drop_netlock(store: Store, m: Manifest) -> list[str]:
-    """Remove the network lock a --tcp established checkpoint left (it keeps the peers of its
-    connections waiting); gone with the namespace, or after a restore, it is already away."""
-    if m.netlock is None:
-        return []
-    try:
-        path = netns.resolve(trust.placement(store.root, m))
-    except FscrError:
-        return []  # the namespace, and its lock with it, is gone
-    table = criu_table(m.netlock)
-    return [f"network lock {table}"] if netns.drop_lock(path, table) else []
-
-
 def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
                    name: str, rescues: list[str], cgroup: origins.CgroupOf) -> list[str]:
     """The restored tree runs: remember it (this host's records: a checkpoint it did not make
@@ -408,7 +394,7 @@ def delete(name: str, store_dir: str | None = None) -> list[str]:
     m = store.load(name)
     provider = snapshot.get(m.snapshot)
     with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
-        removed = drop_netlock(store, m)
+        removed = netlock.release(m.netlock, lambda: trust.netns_path(store.root, m))
         for v in m.volumes:
             if v.snapshot is not None:
                 provider.delete(v.snapshot)

@@ -89,3 +89,9 @@ def placement(store_root: Path, m: Manifest) -> netns.Placement:
         raise Refused(f"{n.path}, the network namespace checkpoint {m.id} names, is not one "
                       "here: create it (ip netns add) with its interfaces before restoring")
     return netns.Placement(n.treatment, n.inode, n.path, holder)
+
+
+def netns_path(store_root: Path, m: Manifest) -> str | None:
+    """The nsfs path of the checkpoint's network namespace to join (None: the host's, or its
+    own, which CRIU recreates)."""
+    return netns.resolve(placement(store_root, m))

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import BadTarget, FscrError
@@ -103,21 +104,39 @@ def is_netns(path: str) -> bool:
         os.close(fd)
 
 
+def _setns(path: str) -> None:
+    """Move the calling thread into network namespace `path` (and nothing else)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def join(path: str) -> Iterator[None]:
+    """The calling thread in network namespace `path` for the block, then back in its own.
+    Sockets made inside stay in `path`'s namespace. Use it in a thread of its own: the rest
+    of fscr must not run in another namespace meanwhile."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(path)
+        try:
+            yield
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to fscr's own namespace")
+    finally:
+        os.close(own)
+
+
 def entering(path: str | None) -> Callable[[], None] | None:
     """A preexec function that moves the child into network namespace `path` (and nothing
     else) before it execs."""
     if path is None:
         return None
-
-    def enter() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns {path}")
-        finally:
-            os.close(fd)
-
-    return enter
+    return lambda: _setns(path)
 
 
 def run_in(path: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -126,15 +145,3 @@ def run_in(path: str | None, argv: list[str]) -> subprocess.CompletedProcess[str
                               preexec_fn=entering(path))
     except (OSError, subprocess.SubprocessError) as e:
         raise FscrError(f"cannot run {argv[0]} in network namespace {path}: {e}") from None
-
-
-def drop_lock(path: str | None, table: str) -> bool:
-    """Remove CRIU's nftables network lock `table` (inet family) from the namespace; True if
-    it was there."""
-    listed = run_in(path, ["nft", "list", "table", "inet", table])
-    if listed.returncode != 0:
-        return False
-    out = run_in(path, ["nft", "delete", "table", "inet", table])
-    if out.returncode != 0:
-        raise FscrError(f"cannot remove network lock {table}: {out.stderr.strip()}")
-    return True

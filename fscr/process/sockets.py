@@ -7,20 +7,19 @@ The scan runs before the freeze (to refuse early) and is recorded in the manifes
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
 import threading
 from dataclasses import asdict, dataclass
 
+from .netns import inode, join
 from .tree import Task
 
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
               11: "CLOSING"}
 UNIX_TYPES = {1: "stream", 2: "dgram", 5: "seqpacket"}
-CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -104,14 +103,8 @@ def _unix_diag(netns: str) -> dict[int, tuple[str, int, str, int]]:
 
     def work() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            result.update(_dump_unix())
+            with join(netns):
+                result.update(_dump_unix())
         except BaseException as e:  # re-raised in the caller
             errors.append(e)
 
@@ -161,10 +154,6 @@ def _dump_unix() -> dict[int, tuple[str, int, str, int]]:
                 off += (length + 3) & ~3
 
 
-def netns_of(pid: int) -> int:
-    return os.stat(f"/proc/{pid}/ns/net").st_ino
-
-
 def scan(tasks: list[Task]) -> list[Socket]:
     """Every socket the tasks hold by fd, with family, state and addresses (unix: path and
     the peer's inode)."""
@@ -172,10 +161,10 @@ def scan(tasks: list[Task]) -> list[Socket]:
     held = [(t, fds) for t in tasks if (fds := _socket_fds(t.pid))]
     wanted: dict[int, set[int]] = {}  # the tree's socket inodes, per network namespace
     for t, fds in held:
-        wanted.setdefault(netns_of(t.pid), set()).update(fds)
+        wanted.setdefault(inode(t.pid), set()).update(fds)
     per_netns: dict[int, tuple[dict, dict]] = {}
     for t, fds in held:
-        ns = netns_of(t.pid)
+        ns = inode(t.pid)
         if ns not in per_netns:
             inet = {fam: _inet(t.pid, fam, wanted[ns]) for fam in ("tcp", "tcp6", "udp", "udp6")}
             per_netns[ns] = (inet, _unix_diag(f"/proc/{t.pid}/ns/net"))
