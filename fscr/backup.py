@@ -287,7 +287,7 @@ def schedule_files(job: Job, job_path: str, every_spec: str, systemd: bool) -> d
                 f"Description=fscr backup job {job.name}\n\n"
                 "[Service]\n"
                 "Type=oneshot\n"
-                # --quiet: the journal (or cron's mail) gets the run's one summary line, not progress
+                # --quiet: the journal (or cron's mail) gets the run's summary line only
                 f"ExecStart={_systemd_word(exe)} backup --quiet {_systemd_word(path)}\n"
                 # 20: skipped, another run of this job still runs: not a failure
                 "SuccessExitStatus=20\n"),

@@ -102,6 +102,7 @@ def test_schedule_install_writes_valid_units_or_a_cron_line(kind, tmp_path, stor
         assert "OnUnitActiveSec=1h" in (dest / files[1]).read_text()
     else:
         line = (dest / "fscr-backup-app").read_text().splitlines()[-1]
-        assert re.fullmatch(rf"0 \* \* \* \* root \S+/fscr backup --quiet {re.escape(str(job))}", line)
+        assert re.fullmatch(
+            rf"0 \* \* \* \* root \S+/fscr backup --quiet {re.escape(str(job))}", line)
     out = fscr("schedule", "remove", str(job), "--dest", str(dest))
     assert os.listdir(dest) == [] and out.stdout.count("removed") == len(files)
