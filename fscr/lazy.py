@@ -15,8 +15,6 @@ tree has started, and the restore then kills the tree and puts the volumes back.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -88,11 +86,7 @@ def wait(daemon: Task, timeout: float) -> bool:
 
 def stop(daemon: Task) -> None:
     """Kill the daemon: only once the tree it serves is dead or being killed."""
-    if daemon.alive():
-        try:
-            os.kill(daemon.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    daemon.kill()
 
 
 def kill_tree(root: int) -> None:
@@ -103,11 +97,7 @@ def kill_tree(root: int) -> None:
     except FscrError:  # gone already: nothing to kill
         return
     for t in tasks:
-        if t.alive():
-            try:
-                os.kill(t.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        t.kill()
     deadline = time.monotonic() + 10
     while any(t.alive() for t in tasks) and time.monotonic() < deadline:
         time.sleep(0.02)

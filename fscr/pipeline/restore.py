@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -248,11 +247,7 @@ class _Restore:
         only its old tasks dead (a zombie left for the host's init to reap holds nothing)."""
         self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in live])
         for x in live:
-            if x.alive():
-                try:
-                    os.kill(x.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            x.kill()
         deadline = time.monotonic() + 30
         while busy := ([x.pid for x in live if x.alive()] if self.m.pidns else
                        [x.pid for x in self.m.tasks if read_stat(x.pid) is not None]):

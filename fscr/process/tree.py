@@ -6,6 +6,7 @@ processes can share a PID over time, never both values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -49,6 +50,13 @@ class Task:
         """True while this very process (not a later one with its PID) exists."""
         st = read_stat(self.pid)
         return st is not None and st.starttime == self.starttime and st.state not in "ZX"
+
+    def kill(self) -> None:
+        """SIGKILL this very process if it still lives (a PID reused since is left alone;
+        between the check and the signal, a PID is not reused without a wrap of its space)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 def all_pids() -> list[int]:
@@ -152,8 +160,5 @@ def settle(task: Task, grace: float) -> None:
     deadline = time.monotonic() + grace
     while task.alive():
         if time.monotonic() >= deadline:
-            try:
-                os.kill(task.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            task.kill()
         time.sleep(0.01)
