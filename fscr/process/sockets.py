@@ -145,7 +145,10 @@ def _dump_unix() -> dict[int, tuple[str, int, str, int]]:
                     alen, atype = struct.unpack_from("=HH", body, a)
                     value = body[a + 4:a + alen]
                     if atype == UNIX_DIAG_NAME:
-                        path = ("@" + value[1:].decode(errors="replace") if value[:1] == b"\0"
+                        # an abstract name is any bytes, NULs too: shown as ss(8) does, with
+                        # "@" for each NUL (a record holds no NUL)
+                        path = (value.replace(b"\0", b"@").decode(errors="replace")
+                                if value[:1] == b"\0"
                                 else value.split(b"\0")[0].decode(errors="replace"))
                     elif atype == UNIX_DIAG_PEER:
                         peer = struct.unpack("=I", value[:4])[0]
