@@ -47,11 +47,11 @@ class Plan:
 
 
 def _criu(run: Run) -> list[Task]:
-    """CRIU, and the lazy-pages daemon of a lazy restore whose tree runs: gc waits for both
-    (a daemon killed early leaves its tree's untransferred pages reading as zeroes)."""
-    daemons = run.events("lazy") if run.events("restored") else []
-    return [t for e in run.events("criu") + daemons
-            if (t := Task(e["pid"], e["starttime"])).alive()]
+    """CRIU, which gc lets finish (and kills after a grace time). Not the lazy-pages daemon
+    of a lazy restore: while its tree runs it is never killed (the pages it has not copied
+    yet would read as zeroes) and it exits on its own once every page is in; it is stopped
+    only when no tree runs on it (plan_restore)."""
+    return [t for e in run.events("criu") if (t := Task(e["pid"], e["starttime"])).alive()]
 
 
 def _lazy_daemons(run: Run) -> list[Task]:

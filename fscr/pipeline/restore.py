@@ -120,6 +120,10 @@ class _Restore:
                 if self.lazy:
                     self.settle_lazy(pid)
         except BaseException as e:
+            if pid is not None and self.lazy:
+                # Its pages were not verified (or ^C came first): it must not run on, and
+                # never on volumes swapped back under it.
+                lazy.kill_tree(pid)
             if self.daemon is not None:  # its tree is dead or was never restored
                 lazy.stop(self.daemon)
             for sw in reversed(swapped):  # if this fails, the journal stays for gc
@@ -312,11 +316,16 @@ class _Restore:
                 lazy.kill_tree(pid)
                 raise PagesCorrupt(str(e)) from None
             self.journal.note("verified")
+        # From here the tree runs on verified memory: nothing undoes the restore.
         with self.t.stage("pages in"):
             # Not killed if it is slow: that would zero the pages it has not copied. Past the
-            # wait it finishes alone (the tree is verified and runs).
-            if self.daemon is not None and lazy.wait(self.daemon, timeout=600):
-                self.daemon = None
+            # wait, or on ^C, it finishes alone.
+            try:
+                if self.daemon is not None:
+                    lazy.wait(self.daemon, timeout=600)
+            except KeyboardInterrupt:
+                pass
+            self.daemon = None
         (self.store.dir(self.m.id) / lazy.SOCKET).unlink(missing_ok=True)
 
 
