@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -341,6 +342,34 @@ def test_watchdog_thaws_and_aborts_when_the_freeze_outlasts_max_freeze(btrfs_vol
     assert alive(pid) and not freezer.cgroup_of(pid).frozen()
     counts_cleanly(vol / "history")
     assert residue(vol, store, "slow") == CLEAN
+
+
+def test_ctrl_c_at_the_terminal_inside_criu_s_stop_undoes_the_run(btrfs_volume, workloads,
+                                                                  store):
+    """^C reaches the terminal's whole foreground group: fscr (and its watchdog) but not
+    CRIU, which fscr lets go through the socket, so nothing dies mid-dump."""
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("service", str(vol))
+    grows(vol / "history", 3)
+    env = dict(os.environ) | {"FSCR_STORE": str(store), "FSCR_TEST_PAUSE_AT": "snapshot:3"}
+    p = subprocess.Popen([str(FSCR), "checkpoint", "--pid", str(pid), "--volume", str(vol),
+                          "--id", "intr"], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own group, as a terminal's job
+    try:
+        journal = store / "journal"
+        wait_for(lambda: journal.exists() and any(
+            '"event": "snapshot"' in f.read_text() for f in journal.glob("intr.*")), 15,
+                 "the stop at the snapshot")  # CRIU holds the tree, ptrace-stopped
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert alive(pid) and not freezer.cgroup_of(pid).frozen()
+    counts_cleanly(vol / "history")
+    assert residue(vol, store, "intr") == CLEAN
 
 
 def test_a_watchdog_that_cannot_start_fails_before_the_freeze(monkeypatch, tmp_path):

@@ -133,7 +133,8 @@ class Swrk:
     names through /proc/<fscr>/fd/N."""
 
     def __init__(self, what: str, log: Path, netns: str | None,
-                 pass_fds: tuple[int, ...] = (), binds: tuple[tuple[str, str], ...] = ()):
+                 pass_fds: tuple[int, ...] = (), binds: tuple[tuple[str, str], ...] = (),
+                 own_group: bool = False):
         self.what, self.log = what, log
         self.sk, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # CRIU says little on stderr (its log is the log file); a file, not a pipe, so
@@ -144,6 +145,11 @@ class Swrk:
                 [require(), "swrk", str(theirs.fileno())], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=self.stderr,
                 pass_fds=(theirs.fileno(), *pass_fds),
+                # own_group (dumps): a ^C or SIGHUP at the terminal reaches fscr alone, which
+                # ends the run through the socket at CRIU's next step; signalled itself, CRIU
+                # would die mid-dump (its parasite in the tasks, a TCP lock left in place).
+                # A restore stays in the terminal's group: a --shell-job tree is given it.
+                process_group=0 if own_group else None,
                 preexec_fn=chain(entering(netns), private_binds(list(binds))))
         except (OSError, subprocess.SubprocessError) as e:
             self.sk.close()
@@ -192,7 +198,15 @@ class Swrk:
     def close(self) -> None:
         """Close fscr's end and reap CRIU (it exits once its request is served)."""
         self.sk.close()  # idempotent, as is wait
-        self.proc.wait()
+        interrupted = False
+        while True:  # a second ^C must not thaw the tree before CRIU has let it go
+            try:
+                self.proc.wait()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def failed(self, resp: Any) -> CriuFailed | NoSpace:
         """CRIU's own error (cr_errmsg, cr_errno), with the line of its log that explains it
@@ -321,7 +335,7 @@ class Criu:
                     hooks.dumped()
                 return None
 
-            swrk = Swrk("dump", req.log, req.netns)
+            swrk = Swrk("dump", req.log, req.netns, own_group=True)
             try:
                 hooks.started(swrk.proc.pid)
             except BaseException:
