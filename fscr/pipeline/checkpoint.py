@@ -233,8 +233,14 @@ class _Checkpoint:
                 m = self.commit(self.window())
             elif self.req.kill:
                 # Commit while the tree is still frozen, then kill it: a run that dies before
-                # the commit leaves the tree running (the watchdog or gc thaws it).
-                m = self.commit(self.window())
+                # the commit leaves the tree running (the watchdog or gc thaws it). The
+                # images' checksums are the long part: if the watchdog thawed the tree
+                # meanwhile, it ran on past its image, so it is neither killed nor kept.
+                window = self.window()
+                self.t.seconds["freeze_window"] = round(window, 6)
+                m = self.manifest(window)
+                self.watchdog_ok()
+                m = self.commit(window, m)
                 self.journal.note("kill", pids=[x.pid for x in self.tasks])
                 # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
                 # an init that dies takes its PID namespace along.
@@ -312,7 +318,8 @@ class _Checkpoint:
             if self.req.tcp == "established":
                 # CRIU kills the tree once answered: if fscr dies after that, gc commits
                 # this draft (if fscr dies before, CRIU lets the tree run on).
-                self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
+                self.journal.note("draft", manifest=self.manifest(0.0, images=False)
+                                  .model_dump(mode="json"))
         finally:
             with self.t.stage("unrelink"):
                 for vol in self.volumes:
@@ -403,9 +410,9 @@ class _Checkpoint:
         if self.req.tcp != "established":
             self.watchdog_ok()
 
-    def commit(self, window: float) -> Manifest:
+    def commit(self, window: float, m: Manifest | None = None) -> Manifest:
         self.t.seconds["freeze_window"] = round(window, 6)
-        m = self.manifest(window)
+        m = m if m is not None else self.manifest(window)
         self.journal.note("commit")
         origins.made_here(self.store.root, m)
         self.store.commit(m)
@@ -423,20 +430,25 @@ class _Checkpoint:
         except ValidationError as e:
             raise Refused(f"the tree uses a file fscr cannot record: {_first(e)}") from None
 
-    def manifest(self, window: float) -> Manifest:
+    def manifest(self, window: float, images: bool = True) -> Manifest:
+        """The run's manifest; without `images` (a --tcp established draft, journaled inside
+        CRIU's stop) the images are not checksummed: gc does that if it commits the draft."""
         tasks, cg = self.tasks, self.cg
         leaks, unchanged = self.recorded()
         try:
-            return self._manifest(window, tasks, cg, leaks, unchanged)
+            return self._manifest(window, tasks, cg, leaks, unchanged, images)
         except ValidationError as e:  # the run's undo removes what it made
             raise Refused(f"the checkpoint cannot be recorded: {_first(e)}") from None
 
     def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
-                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord]) -> Manifest:
+                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord],
+                  with_images: bool) -> Manifest:
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
-        written = bytes_in(self.store.images(self.id))  # none yet in a --tcp established draft
-        with meter(self.t.progress if written else quiet, "checksum", written) as m:
-            images = self.store.image_records(self.id, m.advance)
+        images = []
+        if with_images:
+            written = bytes_in(self.store.images(self.id))
+            with meter(self.t.progress if written else quiet, "checksum", written) as m:
+                images = self.store.image_records(self.id, m.advance)
         p = self.placement
         return Manifest(
             schema_version=SCHEMA_VERSION,
