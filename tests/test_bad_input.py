@@ -518,6 +518,20 @@ def test_a_full_disk_while_receiving_images_is_no_space(sent, tmp_path):
         sh("umount", str(small))
 
 
+def test_receive_beside_a_volume_whose_parent_is_not_btrfs_is_refused(sent, tmp_path):
+    # The btrfs provider asks libbtrfsutil: a tmpfs stacked on the volume's parent hides the
+    # btrfs filesystem there, as a destination machine that has not mounted it would.
+    records, vol, ckpt = sent
+    sh("mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(vol.parent))
+    try:
+        one_line(receive_bytes(tmp_path / "there", build_stream(records)), 18,
+                 f"{vol.parent} is not on a btrfs filesystem (tmpfs)")
+        assert os.listdir(vol.parent) == []
+    finally:
+        sh("umount", str(vol.parent))
+    nothing_received(tmp_path / "there", vol, ckpt)
+
+
 def test_send_into_a_pipe_closed_early_exits_quietly(made, store):
     pid, vol, m, d = made
     out = subprocess.run(["/bin/bash", "-c", f"set -o pipefail; {FSCR} send {m['id']} | "
