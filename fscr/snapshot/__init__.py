@@ -2,7 +2,9 @@
 
 A provider checks that a directory is a volume it can snapshot, creates a read-only snapshot
 in the frozen window, deletes one, and at restore puts a snapshot back at the volume's path
-while keeping the contents it replaced (the rescue snapshot).
+while keeping the contents it replaced (the rescue snapshot). A provider that can also streams
+a snapshot out and receives one back (fscr send and receive: transfer.py frames the stream,
+the provider fills and empties its volume records).
 """
 
 from __future__ import annotations
@@ -72,6 +74,22 @@ class Provider(Protocol):
     def clone(self, snapshot: str, dest: Path) -> None:
         """A writable copy of `snapshot` at `dest` (a directory fscr names), leaving the
         volume alone; on failure nothing is left at `dest`."""
+
+    # send and receive (docs/transfer.md)
+    sends: bool  # whether snapshots travel in a stream: send refuses a checkpoint otherwise
+
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        """Pass `snapshot` to `write` in chunks, as a delta against `parent` (the same
+        volume's snapshot in an earlier checkpoint) when given; raise FscrError if that
+        fails."""
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        """Make the snapshot `create` would have named for these from what `read(sink)` passes
+        to `sink` (one volume record's payload); return its name. `made(name)` is called
+        before anything is written there, to journal it; the caller deletes it on a failure.
+        A payload this provider cannot use raises BadStream."""
 
 
 KINDS = ("btrfs", "lvm", "none")

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from ..errors import (
     BadInput,
     BadManifest,
+    BadStream,
     BadVolume,
     MissingDependency,
     NoSpace,
@@ -535,6 +536,18 @@ class Lvm:
     def clone(self, snapshot: str, dest: Path) -> None:
         raise Refused("restore --beside needs btrfs: a copy of an LVM snapshot would have to "
                       "be mounted for it, which fscr does not do yet")
+
+    # A logical volume has no send stream fscr could frame (docs/lvm.md says how to move one):
+    # send refuses an LVM checkpoint before writing a byte, receive a stream that names one.
+    sends = False
+
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        raise Refused(f"{snapshot} is an LVM snapshot: send carries btrfs snapshots only")
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
 
 
 def _swap(copy: str) -> Swap:
