@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import BadVolume, CriuFailed, FreezeTimeout, Raced, Refused
+from ..backends.criu_log import dump_finished
+from ..errors import BadVolume, CriuFailed, FreezeTimeout, FscrError, Raced, Refused
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -191,6 +192,14 @@ class _Checkpoint:
                 if moved:
                     put_back(moved, cg)
         except BaseException as e:
+            if (not self.committed and self.req.tcp == "established"
+                    and dump_finished(self.store.dir(self.id) / "criu-dump.log")):
+                # CRIU has killed the tree: its image and the journaled draft are all that is
+                # left of it, so nothing is removed, and gc commits the draft.
+                why = str(e) if isinstance(e, FscrError) else type(e).__name__
+                raise FscrError(f"{why}; CRIU had dumped and killed the tree: "
+                                f"run `fscr gc` to commit checkpoint {self.id}, all that is "
+                                "left of it") from None
             kept = None
             if not self.committed:  # after a --kill commit the checkpoint is all that's left
                 for s in self.snaps:
