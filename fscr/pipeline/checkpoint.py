@@ -168,6 +168,7 @@ class _Checkpoint:
     placement: netns.Placement
     snaps: list[str] = field(default_factory=list)
     committed: bool = False
+    relinks_left: bool = False  # a relink could not be removed: the journal stays for gc
     asked: frozenset[str] = frozenset()  # the needs CRIU was started with (preflight's)
 
     def execute(self, named: Cgroup | None) -> Manifest:
@@ -207,7 +208,8 @@ class _Checkpoint:
                 if isinstance(e, CriuFailed):
                     kept = self.keep_failure(e)
                 self.store.remove(self.id)
-            self.journal.close()
+            if not self.relinks_left:
+                self.journal.close()
             if kept is not None:
                 raise kept from None
             raise
@@ -331,8 +333,16 @@ class _Checkpoint:
                                   .model_dump(mode="json"))
         finally:
             with self.t.stage("unrelink"):
-                for vol in self.volumes:
-                    relink.remove_relinks(vol, self.id)
+                failed: list[str] = []
+                for vol in self.volumes:  # each volume, whatever another one does
+                    try:
+                        relink.remove_relinks(vol, self.id)
+                    except OSError as e:
+                        failed.append(f"{vol}: {e.strerror or e}")
+                if failed:
+                    self.relinks_left = True
+                    raise FscrError(f"cannot remove the relinks from {'; '.join(failed)}: "
+                                    "`fscr gc` removes them")
 
     def preflight(self, tasks: list[Task]) -> None:
         """Before the freeze, and again once frozen (the tree may have changed): refuse what
