@@ -21,9 +21,10 @@ from . import failures, lazy, locks, netlock, origins, pipeline, relink, snapsho
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
+from .locks import restore_lock, volume_lock, workload_lock
 from .manifest import Manifest
 from .names import copy_cgroup, is_copy
-from .pipeline import finish_restore, restore_lock, trust, volume_lock, workload_lock
+from .pipeline import finish_restore, trust
 from .process import freezer
 from .process.freezer import Cgroup
 from .process.target import put_back
@@ -274,7 +275,7 @@ def _lock_keys(run: Run) -> list[str]:
     if run.op == "restore":
         keys.append(restore_lock(run.id))
     for e in run.events("isolate"):
-        keys.append(workload_lock(Task(e["root"], e["starttime"])))
+        keys.append(workload_lock(e["root"], e["starttime"]))
     return keys
 
 

@@ -48,9 +48,6 @@ from .common import (
     new_id,
     noting_pid,
     quiet,
-    require_root,
-    volume_lock,
-    workload_lock,
 )
 
 TCP_MODES = ("refuse", "established", "close")
@@ -96,7 +93,6 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     and this run's snapshots and checkpoint directory are removed. If fscr itself dies, the
     watchdog thaws the tree and `fscr gc` removes the rest.
     """
-    require_root()
     store = Store.open(req.store)
     ckpt_id = check_id(req.id) if req.id is not None else new_id()  # "" is no id
     provider = snapshot.get(req.snapshot, size=req.lvm_size)
@@ -124,7 +120,8 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
         return run
 
     run = attempt(tree)
-    with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
+    with locks.hold([locks.volume_lock(v) for v in volumes]
+                    + [locks.workload_lock(tree[0].pid, tree[0].starttime)], progress):
         try:
             return run.execute(named)
         except Raced:
@@ -137,14 +134,14 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     """`fscr check`: the preflight alone. Returns the report and why a checkpoint with these
     options would be refused (None if it would pass). Freezes nothing."""
-    require_root()
+    store = Store.open(req.store, write=False)  # first: it checks for root
     provider = snapshot.get(req.snapshot)
     volumes = _volumes(req)
     for vol in volumes:
         provider.check(vol)
     root, _ = resolve(req.target)
     tree = descendants(root)
-    run = _Checkpoint(req, Store.open(req.store, write=False), "check", provider,
+    run = _Checkpoint(req, store, "check", provider,
                       backends.get(req.backend), volumes, root, Timings(),
                       placement=netns.classify(root, set()))
     try:
