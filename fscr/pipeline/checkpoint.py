@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import BadVolume, CriuFailed, FreezeTimeout, Raced, Refused
+from ..errors import BadVolume, CriuFailed, FreezeTimeout, Raced, Refused, require_root
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -134,14 +134,14 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     """`fscr check`: the preflight alone. Returns the report and why a checkpoint with these
     options would be refused (None if it would pass). Freezes nothing."""
-    store = Store.open(req.store, write=False)  # first: it checks for root
+    require_root()  # before the options are checked: a user learns the one thing to change
     provider = snapshot.get(req.snapshot)
     volumes = _volumes(req)
     for vol in volumes:
         provider.check(vol)
     root, _ = resolve(req.target)
     tree = descendants(root)
-    run = _Checkpoint(req, store, "check", provider,
+    run = _Checkpoint(req, Store.open(req.store, write=False), "check", provider,
                       backends.get(req.backend), volumes, root, Timings(),
                       placement=netns.classify(root, set()))
     try:
