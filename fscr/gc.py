@@ -382,8 +382,8 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
     stays for the next gc; other runs go on.
     """
     report = []
-    facts = Machine(store)
     for run in unfinished(store.root):
+        facts = Machine(store)  # fresh for each run: another run's steps changed the machine
         entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin["pid"],
                                  "done": not dry_run, "actions": [], "errors": []}
         report.append(entry)
@@ -401,7 +401,6 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
                 continue
             except (KeyError, TypeError, ValueError) as e:  # an event lacks a key
                 entry["errors"].append(f"journal {run.path.name} is damaged ({e!r})")
-                continue
             continue
         p = None
         try:
