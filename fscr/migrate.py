@@ -49,7 +49,7 @@ def move(job: Job, host: str) -> MoveReport:
     r = MoveReport(job.name, host)
     try:
         d = destination(job, host)
-        with locks.hold([f"backup job {job.name}"], wait=0):
+        with locks.hold([locks.backup_job_lock(job.name)], wait=0):
             _move(job, d, r)
     except Busy:
         r.error, r.exit_code = f"a backup of job {job.name} is running", Busy.exit_code

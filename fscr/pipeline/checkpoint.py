@@ -16,7 +16,15 @@ from pydantic import ValidationError
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
 from ..backends.criu_log import dump_finished
-from ..errors import BadVolume, CriuFailed, FreezeTimeout, FscrError, Raced, Refused
+from ..errors import (
+    BadVolume,
+    CriuFailed,
+    FreezeTimeout,
+    FscrError,
+    Raced,
+    Refused,
+    require_root,
+)
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -49,9 +57,6 @@ from .common import (
     new_id,
     noting_pid,
     quiet,
-    require_root,
-    volume_lock,
-    workload_lock,
 )
 
 TCP_MODES = ("refuse", "established", "close")
@@ -97,7 +102,6 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     and this run's snapshots and checkpoint directory are removed. If fscr itself dies, the
     watchdog thaws the tree and `fscr gc` removes the rest.
     """
-    require_root()
     store = Store.open(req.store)
     ckpt_id = check_id(req.id) if req.id is not None else new_id()  # "" is no id
     provider = snapshot.get(req.snapshot, size=req.lvm_size)
@@ -125,7 +129,8 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
         return run
 
     run = attempt(tree)
-    with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
+    with locks.hold([locks.volume_lock(v) for v in volumes]
+                    + [locks.workload_lock(tree[0].pid, tree[0].starttime)], progress):
         try:
             return run.execute(named)
         except Raced:
@@ -138,7 +143,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     """`fscr check`: the preflight alone. Returns the report and why a checkpoint with these
     options would be refused (None if it would pass). Freezes nothing."""
-    require_root()
+    require_root()  # before the options are checked: a user learns the one thing to change
     provider = snapshot.get(req.snapshot)
     volumes = _volumes(req)
     for vol in volumes:

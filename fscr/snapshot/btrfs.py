@@ -107,6 +107,9 @@ class Btrfs:
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return str(rescue_path(volume, rescue, n))
 
+    def owns_rescue(self, name: str, path: str) -> bool:
+        return Path(path).parent.name == name  # rescue_path: .../<name>/<n>
+
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         # A writable snapshot of the checkpoint's read-only one, made at the rescue path and

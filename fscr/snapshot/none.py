@@ -36,6 +36,9 @@ class NoSnapshot:
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return ""
 
+    def owns_rescue(self, name: str, path: str) -> bool:
+        return False  # it makes no rescue
+
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         pass
