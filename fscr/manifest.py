@@ -1,7 +1,7 @@
 """The checkpoint record: versioned JSON, validated on every read.
 
 A manifest is input at restore time (it may have been copied, edited or corrupted), so it is
-parsed by strict pydantic models: one class per record gives both the JSON and its validation.
+parsed strictly (records.py): one class per record gives both the JSON and its validation.
 Its whole-file sha256 lives beside it in manifest.json.sha256; that gives integrity against
 corruption and edits, not authenticity.
 """
@@ -13,23 +13,17 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
-from . import names
+from . import names, records
 from .errors import BadManifest
+from .records import Meta
 
 SCHEMA_VERSION = 1
 
-Id = Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
-AbsPath = Annotated[str, Field(min_length=1, max_length=4096)]
+Id = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}$")]
+AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
+Pid = Annotated[int, Meta(gt=0)]
+Count = Annotated[int, Meta(ge=0)]
+Text = Annotated[str, Meta(max_length=4096)]
 
 
 def recordable(v: object) -> None:
@@ -44,6 +38,8 @@ def recordable(v: object) -> None:
             raise ValueError(f"is not UTF-8: {v[:80]!r}") from None
     elif isinstance(v, (list, tuple)):
         for x in v:
+            if isinstance(x, records.Struct):
+                continue  # nested records check their own strings
             recordable(x)
     elif isinstance(v, dict):
         for k, x in v.items():
@@ -51,15 +47,12 @@ def recordable(v: object) -> None:
             recordable(x)
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
-
-    @field_validator("*")
-    @classmethod
-    def _strings(cls, v: object) -> object:
-        if not isinstance(v, BaseModel):  # nested records check their own strings
-            recordable(v)
-        return v
+class Record(records.Record, frozen=True):
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            v = getattr(self, name)
+            if not isinstance(v, records.Struct):  # nested records check their own strings
+                recordable(v)
 
 
 def describe(text: str, limit: int = 4096) -> str:
@@ -67,16 +60,15 @@ def describe(text: str, limit: int = 4096) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _absolute_clean(v: str) -> str:
+def _absolute_clean(v: str) -> None:
     p = PurePosixPath(v)
     if not p.is_absolute() or ".." in p.parts or "\0" in v:
         raise ValueError(f"not a clean absolute path: {v!r}")
-    return v
 
 
 class TaskRecord(Record):
-    pid: int = Field(gt=0)
-    starttime: int = Field(ge=0)
+    pid: Pid
+    starttime: Count
 
 
 class CgroupRecord(Record):
@@ -84,55 +76,54 @@ class CgroupRecord(Record):
     path: str  # as /proc/PID/cgroup shows it: where the tree was frozen and dumped from
     original: str  # where the tree lived before; differs when fscr moved it for the window
 
-    @field_validator("path", "original")
-    @classmethod
-    def _clean(cls, v: str) -> str:
-        return _absolute_clean(v)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _absolute_clean(self.path)
+        _absolute_clean(self.original)
 
 
 class VolumeRecord(Record):
-    n: int = Field(ge=0)
+    n: Count
     path: AbsPath
     snapshot: str | None  # absolute path of the read-only snapshot; None with --snapshot none
 
-    @field_validator("path")
-    @classmethod
-    def _clean(cls, v: str) -> str:
-        return _absolute_clean(v)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _absolute_clean(self.path)
 
 
 class Relink(Record):
-    n: int = Field(ge=0)
+    n: Count
     volume: AbsPath
-    name: Annotated[str, Field(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+$")]
+    name: Annotated[str, Meta(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+$")]
     original_path: AbsPath
-    pid: int = Field(gt=0)
-    fd: int = Field(ge=-1)  # -1: held by a mapping or as the executable
+    pid: Pid
+    fd: Annotated[int, Meta(ge=-1)]  # -1: held by a mapping or as the executable
     kind: Literal["fd", "map", "exe"]
-    key: Annotated[str, Field(pattern=r"^file\[[0-9a-f]+:[0-9a-f]+\]$")]
-    flags: int = Field(ge=0)
-    pos: int = Field(ge=0)
-    size: int = Field(ge=0)
-    mode: int = Field(ge=0, le=0o7777)
-    nlink: int = Field(ge=0)
+    key: Annotated[str, Meta(pattern=r"^file\[[0-9a-f]+:[0-9a-f]+\]$")]
+    flags: Count
+    pos: Count
+    size: Count
+    mode: Annotated[int, Meta(ge=0, le=0o7777)]
+    nlink: Count
     method: Literal["link", "reflink", "copy"]
 
 
 class ImageFile(Record):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,255}$")]
-    size: int = Field(ge=0)
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}$")]
+    size: Count
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
 class SocketRecord(Record):
-    pid: int = Field(gt=0)
-    fd: int = Field(ge=0)
-    inode: int = Field(ge=0)
+    pid: Pid
+    fd: Count
+    inode: Count
     family: Literal["tcp", "tcp6", "udp", "udp6", "unix"]
-    type: str = Field(max_length=16)
-    state: str = Field(max_length=16)
-    local: str = Field(max_length=4096)
-    remote: str = Field(max_length=4096)
+    type: Annotated[str, Meta(max_length=16)]
+    state: Annotated[str, Meta(max_length=16)]
+    local: Text
+    remote: Text
 
 
 class LeakRecord(Record):
@@ -140,58 +131,53 @@ class LeakRecord(Record):
 
     kind: Literal["external-files", "shared-memory", "pipes", "unix-sockets", "namespaces",
                   "devices", "shm"]
-    pid: int = Field(gt=0)
-    what: str = Field(max_length=4096)
-    detail: str = Field(max_length=4096)
+    pid: Pid
+    what: Text
+    detail: Text
 
 
 class UnchangedRecord(Record):
     """A read-only file outside the volumes (a binary, a library): verified at restore."""
 
     path: AbsPath
-    size: int = Field(ge=0)
-    mtime_ns: int = Field(ge=0)
+    size: Count
+    mtime_ns: Count
 
 
 class NetnsRecord(Record):
     """How the tree's network namespace is treated (fscr/process/netns.py)."""
 
     treatment: Literal["host", "external", "own"]
-    inode: int = Field(ge=0)
+    inode: Count
     path: AbsPath | None = None
     holder: TaskRecord | None = None
 
-    @field_validator("path")
-    @classmethod
-    def _clean(cls, v: str | None) -> str | None:
-        return None if v is None else _absolute_clean(v)
-
-    @model_validator(mode="after")
-    def _how_found(self) -> NetnsRecord:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.path is not None:
+            _absolute_clean(self.path)
         # Only a namespace the tree joined is found again at restore: by its bind mount or
         # by a process in it, one of the two.
         if (self.treatment == "external") != (self.path is not None or self.holder is not None):
             raise ValueError(f"a {self.treatment} network namespace names no path or holder"
                              if self.treatment == "external" else
                              f"a {self.treatment} network namespace names a path or holder")
-        return self
 
 
-def _aware_time(v: str) -> str:
+def _aware_time(v: str) -> None:
     try:
         t = datetime.fromisoformat(v)
     except ValueError:
         raise ValueError(f"not an ISO 8601 time: {v[:80]!r}") from None
     if t.tzinfo is None:
         raise ValueError(f"has no time zone: {v[:80]!r}")
-    return v
 
 
 class Manifest(Record):
     schema_version: Literal[1]
     id: Id
-    created: Annotated[str, Field(max_length=64), AfterValidator(_aware_time)]
-    hostname: Annotated[str, Field(max_length=255)]
+    created: Annotated[str, Meta(max_length=64)]
+    hostname: Annotated[str, Meta(max_length=255)]
     job: Id | None  # the backup job that made it, if any
     backend: Literal["criu", "freeze-only"]
     snapshot: Literal["btrfs", "lvm", "none"]
@@ -213,22 +199,25 @@ class Manifest(Record):
     pidns: bool = False  # the root is init of a PID namespace of its own (fscr run --pidns)
     # CRIU's nftables table that keeps --tcp established connections silent until restore
     # (21 characters of CRIU's run id; 36 in checkpoints of fscr 0.1, which named it whole)
-    netlock: Annotated[str, Field(pattern=r"^CRIU-[0-9a-f-]{21}([0-9a-f-]{15})?$")] | None
+    netlock: Annotated[str, Meta(pattern=r"^CRIU-[0-9a-f-]{21}([0-9a-f-]{15})?$")] | None
     images: list[ImageFile]
-    image_bytes: int = Field(ge=0)
+    image_bytes: Count
     durations: dict[str, float]
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _aware_time(self.created)
+
     def to_bytes(self) -> bytes:
-        return (self.model_dump_json(indent=2) + "\n").encode()
+        return records.encode(self, indent=2) + b"\n"
 
     @classmethod
     def from_bytes(cls, raw: bytes, origin: str) -> Manifest:
         try:
-            m = cls.model_validate_json(raw, strict=True)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top)"
-            raise BadManifest(f"{origin}: invalid at {where}: {err['msg']}") from None
+            m = records.decode(raw, cls)
+        except records.Invalid as e:
+            where, what = records.why(e)
+            raise BadManifest(f"{origin}: invalid at {where}: {what}") from None
         m._check_confinement()
         return m
 

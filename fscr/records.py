@@ -28,8 +28,9 @@ T = TypeVar("T")
 Invalid = msgspec.DecodeError
 
 
-class Record(Struct, frozen=True, forbid_unknown_fields=True):
-    """A record fscr reads back: frozen, and a field it does not know is an error."""
+class Record(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A record fscr reads back: frozen, and a field it does not know is an error. Fields
+    are passed by name (kw_only), so one with a default may precede one without."""
 
 
 def decode(raw: bytes | str, into: type[T]) -> T:
