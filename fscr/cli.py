@@ -13,6 +13,7 @@ import click
 from . import preflight
 from .completion import checkpoint_ids, workload_names
 from .errors import FscrError, MissingDependency, Refused
+from .records import plain
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -85,12 +86,11 @@ def summary(m: Manifest) -> dict[str, Any]:
         "id": m.id, "created": m.created, "hostname": m.hostname, "job": m.job,
         "backend": m.backend,
         "snapshot": m.snapshot, "mode": m.mode, "root_pid": m.root.pid,
-        "volumes": [v.model_dump() for v in m.volumes],
-        "relinks": [r.model_dump() for r in m.relinks],
-        "tcp": m.tcp, "netns": m.netns.model_dump(), "pidns": m.pidns,
+        "volumes": plain(m.volumes), "relinks": plain(m.relinks),
+        "tcp": m.tcp, "netns": plain(m.netns), "pidns": m.pidns,
         "network_lock": m.netlock,
-        "sockets": [s.model_dump() for s in m.sockets],
-        "allowed": m.allowed, "leaks": [x.model_dump() for x in m.leaks],
+        "sockets": plain(m.sockets),
+        "allowed": m.allowed, "leaks": plain(m.leaks),
         "image_bytes": m.image_bytes, "durations": m.durations,
     }
 

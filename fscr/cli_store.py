@@ -9,6 +9,7 @@ import click
 
 from .cli import emit, err, json_opt, notice_unfinished, store_opt, summary
 from .completion import checkpoint_ids, deletable
+from .records import plain
 
 
 @click.command("list")
@@ -35,7 +36,7 @@ def list_(failed: bool, store: str | None, as_json: bool) -> None:
     for r in rescues:  # a classic LVM rescue fills up as the restored tree writes: say so
         r["states"] = [state_of(r.get("kind", "btrfs"), p) for p in r["paths"]]
         r["type"], r["created"] = "rescue", listing.made_at(r["name"])
-    beside = [c.model_dump() | {"pids": copies.running(c), "type": "copy",
+    beside = [plain(c) | {"pids": copies.running(c), "type": "copy",
                                 "created": listing.made_at(c.name)}
               for c in copies.listed(st.root)]
     excl = listing.exclusive_bytes(
@@ -115,8 +116,7 @@ def show(ckpt_id: str, store: str | None, as_json: bool) -> None:
     st = Store.open(store, write=False)
     m = st.load(ckpt_id)
     data = summary(m) | {"manifest_sha256": st.manifest_digest(ckpt_id),
-                                  "tasks": [t.model_dump() for t in m.tasks],
-                                  "cgroup": m.cgroup.model_dump()}
+                                  "tasks": plain(m.tasks), "cgroup": plain(m.cgroup)}
     from . import listing
     from .snapshot import state_of
     data |= {"type": listing.type_of(st, m), "workload": listing.workload_name(m)}

@@ -17,28 +17,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
-
+from . import records
 from .errors import CriuFailed
 from .fsutil import write_atomic
 from .names import ID_PATTERN
+from .records import Meta, Record
 
 KEEP_DAYS = 7
 NAME_PATTERN = rf"{ID_PATTERN}-(checkpoint|restore)-[0-9]{{8}}T[0-9]{{6}}Z(_[0-9]+)?"
 
 
-class Attempt(BaseModel):
+Text = Annotated[str, Meta(max_length=8192)]
+
+
+class Attempt(Record, kw_only=True):
     """attempt.json: read back by list and gc, so validated like every record fscr reads."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
-
     version: Literal[1] = 1
-    id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]
+    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}$")]
     op: Literal["checkpoint", "restore"]
-    when: AwareDatetime
-    error: Annotated[str, Field(max_length=8192)]  # the line fscr printed
-    cause: Annotated[str, Field(max_length=8192)]  # CRIU's explaining error
-    hint: Annotated[str, Field(max_length=8192)] | None
+    when: Annotated[datetime, Meta(tz=True)]
+    error: Text  # the line fscr printed
+    cause: Text  # CRIU's explaining error
+    hint: Text | None
     request: dict[str, Any]  # what the user asked for, as fscr understood it
 
 
@@ -73,7 +74,7 @@ def keep(store_root: Path, ckpt_id: str, op: str, logs: list[Path], journal: Pat
             shutil.copyfile(journal, d / "journal.jsonl", follow_symlinks=False)
         rec = Attempt(id=ckpt_id, op=op, when=now, error=str(error)[:8192],  # type: ignore[arg-type]
                       cause=error.cause[:8192], hint=error.hint, request=request)
-        write_atomic(d / "attempt.json", (rec.model_dump_json(indent=2) + "\n").encode())
+        write_atomic(d / "attempt.json", records.encode(rec, indent=2) + b"\n")
         return d
     except OSError:
         return None
@@ -96,10 +97,10 @@ def listed(store_root: Path) -> list[dict[str, Any]]:
 
 def _read(d: Path) -> dict[str, Any] | None:
     try:
-        rec = Attempt.model_validate_json((d / "attempt.json").read_bytes(), strict=True)
-    except (OSError, ValidationError, ValueError):
+        rec = records.decode((d / "attempt.json").read_bytes(), Attempt)
+    except (OSError, records.Invalid):
         return None
-    return rec.model_dump(mode="json")
+    return records.plain(rec)
 
 
 def expired(store_root: Path, now: datetime) -> list[Path]:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import failures, lazy, locks, netlock, origins, pipeline, relink, snapshot
+from . import failures, lazy, locks, netlock, origins, pipeline, records, relink, snapshot
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
@@ -180,12 +180,12 @@ def _draft(store: Store, run: Run) -> Manifest | None:
     if not drafts or not store.images(run.id).exists():
         return None
     m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
-    return m.model_copy(update={"netlock": netlock.of_images(store.images(run.id))})
+    return records.replace(m, netlock=netlock.of_images(store.images(run.id)))
 
 
 def _commit_draft(store: Store, m: Manifest) -> None:
     images = store.image_records(m.id)
-    m = m.model_copy(update={"images": images, "image_bytes": sum(i.size for i in images)})
+    m = records.replace(m, images=images, image_bytes=sum(i.size for i in images))
     origins.made_here(store.root, m)
     store.commit(m)
 
@@ -273,8 +273,8 @@ def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
     """The cgroup the dead restore put the tree in, as it journaled it (fscr 0.1 journaled
     none: the manifest's, then)."""
     try:
-        return origins.CgroupOf.model_validate(run.begin["cgroup"], strict=True)
-    except (KeyError, ValueError):
+        return records.convert(run.begin["cgroup"], origins.CgroupOf)
+    except (KeyError, records.Invalid):
         if m is None:
             return None
         return origins.CgroupOf(kind=m.cgroup.kind, path=m.cgroup.path,

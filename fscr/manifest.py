@@ -47,7 +47,7 @@ def recordable(v: object) -> None:
             recordable(x)
 
 
-class Record(records.Record, frozen=True):
+class Record(records.Record):
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
             v = getattr(self, name)
@@ -173,7 +173,7 @@ def _aware_time(v: str) -> None:
         raise ValueError(f"has no time zone: {v[:80]!r}")
 
 
-class Manifest(Record):
+class Manifest(Record, kw_only=True):  # pidns has a default, the fields after it none
     schema_version: Literal[1]
     id: Id
     created: Annotated[str, Meta(max_length=64)]

@@ -22,38 +22,35 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from . import records
 from .fsutil import write_atomic
 from .manifest import Manifest
 from .names import ID_PATTERN
+from .records import Meta, Record
 
-Pair = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(ge=0)]]  # (PID, start time)
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+Pair = tuple[Annotated[int, Meta(gt=0)], Annotated[int, Meta(ge=0)]]  # (PID, start time)
+Short = Annotated[str, Meta(max_length=64)]
 
 
-class CgroupOf(_Record):
+class CgroupOf(Record):
     kind: Literal["v2", "v1"]
-    path: Annotated[str, Field(max_length=4096)]  # where the tree was dumped from, or restored
-    original: Annotated[str, Field(max_length=4096)]  # where it lived (fscr moved it if differs)
+    path: Annotated[str, Meta(max_length=4096)]  # where the tree was dumped from, or restored
+    original: Annotated[str, Meta(max_length=4096)]  # where it lived (fscr moved it if differs)
 
 
-class Origin(_Record):
+class Origin(Record, kw_only=True):
     version: Literal[1] = 1
-    id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]
-    machine: Annotated[str, Field(max_length=64)]
-    boot: Annotated[str, Field(max_length=64)]
+    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}$")]
+    machine: Short
+    boot: Short
     lineage: Pair
     cgroup: CgroupOf
     tasks: list[Pair]
 
 
-class Lineage(_Record):
+class Lineage(Record, kw_only=True):
     version: Literal[1] = 1
-    boot: Annotated[str, Field(max_length=64)]
+    boot: Short
     tasks: list[Pair]
 
 
@@ -82,7 +79,7 @@ def record(store_root: Path, ckpt_id: str, lineage: tuple[int, int], cgroup: Cgr
     received and restored here (no task: none of them ran here)."""
     rec = Origin(id=ckpt_id, machine=machine_id(), boot=boot_id(), lineage=lineage,
                  cgroup=cgroup, tasks=tasks)
-    write_atomic(_dir(store_root, "origins") / f"{ckpt_id}.json", rec.model_dump_json().encode())
+    write_atomic(_dir(store_root, "origins") / f"{ckpt_id}.json", records.encode(rec))
 
 
 def made_here(store_root: Path, m: Manifest) -> None:
@@ -98,9 +95,8 @@ def of(store_root: Path, ckpt_id: str) -> Origin | None:
     """This host's record of checkpoint `ckpt_id`, or None: none written here (received,
     made by fscr 0.1, or another machine's store), or one that fails validation."""
     try:
-        rec = Origin.model_validate_json(
-            (store_root / "origins" / f"{ckpt_id}.json").read_bytes(), strict=True)
-    except (OSError, ValidationError, ValueError):
+        rec = records.decode((store_root / "origins" / f"{ckpt_id}.json").read_bytes(), Origin)
+    except (OSError, records.Invalid):
         return None
     return rec if rec.id == ckpt_id and rec.machine == machine_id() else None
 
@@ -128,9 +124,8 @@ def incarnations(store_root: Path, lineage: tuple[int, int]) -> list[tuple[int, 
     """The restored tasks recorded under `lineage` in this boot (none if the record is of
     another boot, or unreadable)."""
     try:
-        rec = Lineage.model_validate_json(_lineage_file(store_root, lineage).read_bytes(),
-                                          strict=True)
-    except (OSError, ValidationError, ValueError):
+        rec = records.decode(_lineage_file(store_root, lineage).read_bytes(), Lineage)
+    except (OSError, records.Invalid):
         return []
     return list(rec.tasks) if rec.boot == boot_id() else []
 
@@ -141,7 +136,7 @@ def record_incarnation(store_root: Path, lineage: tuple[int, int],
     """Add a restored tree's tasks to its lineage; tasks no longer alive are dropped."""
     keep = [t for t in incarnations(store_root, lineage) if alive(t)]
     rec = Lineage(boot=boot_id(), tasks=sorted(set(keep + tasks)))
-    write_atomic(_lineage_file(store_root, lineage), rec.model_dump_json().encode())
+    write_atomic(_lineage_file(store_root, lineage), records.encode(rec))
 
 
 def lineage_of(store_root: Path, task: tuple[int, int]) -> tuple[int, int]:

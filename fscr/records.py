@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 __all__ = ["Invalid", "Meta", "Record", "Struct", "checked", "convert", "decode", "encode",
-           "field", "plain", "why"]
+           "field", "plain", "replace", "why"]
 
 T = TypeVar("T")
 
@@ -28,9 +28,9 @@ T = TypeVar("T")
 Invalid = msgspec.DecodeError
 
 
-class Record(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A record fscr reads back: frozen, and a field it does not know is an error. Fields
-    are passed by name (kw_only), so one with a default may precede one without."""
+class Record(Struct, frozen=True, forbid_unknown_fields=True):
+    """A record fscr reads back: frozen, and a field it does not know is an error (both are
+    inherited; `kw_only=True`, for a field with a default before one without, is not)."""
 
 
 def decode(raw: bytes | str, into: type[T]) -> T:
@@ -51,6 +51,11 @@ def encode(rec: Any, indent: int = 0) -> bytes:
 def plain(rec: Any) -> Any:
     """A record as dicts, lists and scalars (for --json output and journal payloads)."""
     return msgspec.to_builtins(rec)
+
+
+def replace(rec: T, **changes: Any) -> T:
+    """A copy of `rec` with `changes` (records are frozen)."""
+    return msgspec.structs.replace(rec, **changes)
 
 
 def checked(rec: T) -> T:

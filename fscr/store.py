@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError
-
-from . import origins
+from . import origins, records
 from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, require_root
 from .fsutil import private_dir, sha256_files, write_atomic
 from .manifest import AbsPath, ImageFile, Manifest, Record, digest
 from .names import RESCUE_PATTERN, check_id, is_rescue
+from .records import Meta
 
 DEFAULT = Path("/var/lib/fscr")
 
@@ -39,7 +38,7 @@ def _private_dir(path: Path) -> Path:
 class RescueRecord(Record):
     """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`)."""
 
-    name: Annotated[str, Field(pattern=rf"^{RESCUE_PATTERN}$")]
+    name: Annotated[str, Meta(pattern=rf"^{RESCUE_PATTERN}$")]
     paths: list[AbsPath]
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
 
@@ -200,15 +199,15 @@ class Store:
         out = []
         for p in sorted((self.root / "rescues").glob("*.json")):
             try:
-                rec = RescueRecord.model_validate_json(p.read_bytes(), strict=True)
+                rec = records.decode(p.read_bytes(), RescueRecord)
                 if f"{rec.name}.json" != p.name:
                     raise ValueError(f"it names rescue {rec.name}")
-            except (OSError, ValueError) as e:  # ValidationError is a ValueError
+            except (OSError, ValueError, records.Invalid) as e:
                 if damaged is not None:
-                    why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+                    why = records.why(e)[1] if isinstance(e, records.Invalid) else str(e)
                     damaged(f"rescue record {p.name} is damaged ({why}): ignored")
                 continue
-            out.append(rec.model_dump())
+            out.append(records.plain(rec))
         return out
 
     def remove_rescue(self, name: str) -> None:

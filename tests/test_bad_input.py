@@ -368,12 +368,12 @@ def made(btrfs_volume, workloads, store):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize("field, value, text", [
     (("unchanged", 0, "path"), "/usr/bin/\x00x", "holds a NUL byte"),
-    (("unchanged", 0, "path"), "/usr/bin/\udc80x", "Invalid JSON"),
-    (("volumes", 0, "path"), "/srv/\ud800", "Invalid JSON"),
+    (("unchanged", 0, "path"), "/usr/bin/\udc80x", "JSON is malformed"),
+    (("volumes", 0, "path"), "/srv/\ud800", "JSON is malformed"),
     (("created",), "2026-12-04T10:00:00", "has no time zone"),
     (("created",), "yesterday", "not an ISO 8601 time"),
-    (("images", 0, "name"), ["core-1.img"], "string"),
-    (("hostname",), "h" * 300, "at most 255"),
+    (("images", 0, "name"), ["core-1.img"], "Expected `str`"),
+    (("hostname",), "h" * 300, "length <= 255"),
 ])
 def test_a_resigned_manifest_with_a_bad_value_is_one_line(field, value, text, made, store):
     pid, vol, m, d = made

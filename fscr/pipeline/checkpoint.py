@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from .. import backends, failures, locks, origins, preflight, relink, snapshot
+from .. import backends, failures, locks, origins, preflight, records, relink, snapshot
 from ..backends import DumpRequest
 from ..backends.criu_log import dump_finished
 from ..errors import (
@@ -334,8 +332,8 @@ class _Checkpoint:
             if self.req.tcp == "established":
                 # CRIU kills the tree once answered: if fscr dies after that, gc commits
                 # this draft (if fscr dies before, CRIU lets the tree run on).
-                self.journal.note("draft", manifest=self.manifest(0.0, images=False)
-                                  .model_dump(mode="json"))
+                self.journal.note("draft", manifest=records.plain(
+                    self.manifest(0.0, images=False)))
         finally:
             with self.t.stage("unrelink"):
                 failed: list[str] = []
@@ -447,11 +445,12 @@ class _Checkpoint:
         """The preflight's findings as manifest records; a path that is not UTF-8 or holds
         a NUL byte cannot be recorded (nor reopened from a manifest): refused."""
         try:
-            return ([LeakRecord(**(asdict(x) | {"what": describe(x.what),
-                                               "detail": describe(x.detail)}))
+            return ([records.checked(LeakRecord(**(asdict(x) | {"what": describe(x.what),
+                                                               "detail": describe(x.detail)})))
                      for x in self.report.leaks],
-                    [UnchangedRecord(**asdict(u)) for u in self.report.unchanged])
-        except ValidationError as e:
+                    [records.checked(UnchangedRecord(**asdict(u)))
+                     for u in self.report.unchanged])
+        except (records.Invalid, ValueError) as e:
             raise Refused(f"the tree uses a file fscr cannot record: {_first(e)}") from None
 
     def manifest(self, window: float, images: bool = True) -> Manifest:
@@ -460,8 +459,8 @@ class _Checkpoint:
         tasks, cg = self.tasks, self.cg
         leaks, unchanged = self.recorded()
         try:
-            return self._manifest(window, tasks, cg, leaks, unchanged, images)
-        except ValidationError as e:  # the run's undo removes what it made
+            return records.checked(self._manifest(window, tasks, cg, leaks, unchanged, images))
+        except (records.Invalid, ValueError) as e:  # the run's undo removes what it made
             raise Refused(f"the checkpoint cannot be recorded: {_first(e)}") from None
 
     def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
@@ -510,6 +509,6 @@ class _Checkpoint:
 
 
 
-def _first(e: ValidationError) -> str:
-    err = e.errors()[0]
-    return f"{'.'.join(str(x) for x in err['loc']) or '(top)'} {err['msg']}"
+def _first(e: Exception) -> str:
+    where, what = records.why(e) if isinstance(e, records.Invalid) else ("(top)", str(e))
+    return f"{where} {what}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, failures, lazy, locks, origins, preflight, relink, snapshot
+from .. import backends, failures, lazy, locks, origins, preflight, records, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..errors import (
@@ -100,7 +100,7 @@ class _Restore:
         self.journal = Journal.begin(self.store.root, self.m.id, "restore",
                                      volumes=[v.path for v in self.m.volumes],
                                      snapshot=self.m.snapshot, volumes_only=volumes_only,
-                                     rollback=self.rollback, cgroup=self.cgroup.model_dump(),
+                                     rollback=self.rollback, cgroup=records.plain(self.cgroup),
                                      lazy=self.lazy)
         swapped: list[VolumeSwap] = []
         pid = None
