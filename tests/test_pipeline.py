@@ -269,23 +269,47 @@ def test_restore_refuses_a_corrupt_manifest(btrfs_volume, workloads, store):
     time.sleep(0.1)
 
 
-def test_restore_refuses_a_corrupt_image_before_touching_anything(btrfs_volume, workloads,
-                                                                   store):
+def flip_a_bit(image: Path) -> None:
+    """One bit flipped: same size, another sha256."""
+    with open(image, "r+b") as f:
+        f.seek(image.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def test_a_corrupt_page_image_never_runs_and_leaves_the_volume_as_it_was(btrfs_volume,
+                                                                        workloads, store):
+    # The page images are verified while CRIU restores (restore start-up): the check ends
+    # before the tree resumes, and a failed one makes CRIU kill the tree it restored.
     vol = btrfs_volume.path
     pid, _ = workloads.start("counter", str(vol))
     grows(vol / "history", 3)
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
     images = store / "checkpoints" / m["id"] / "images"
     biggest = max(images.iterdir(), key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as f:  # one bit flipped: same size, another sha256
-        f.seek(biggest.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 1]))
+    assert biggest.name.startswith("pages-")
+    flip_a_bit(biggest)
     before = sorted(os.listdir(vol))
     out = fscr("restore", m["id"], store=store, check=False)
     assert out.returncode == 9 and f"image {biggest.name} is corrupt (sha256)" in out.stderr
+    assert len(said(out.stderr)) == 1 and "volumes were put back" in out.stderr, out.stderr
+    # not alive: a restored tree has the checkpoint's PIDs
     assert sorted(os.listdir(vol)) == before and not alive(pid)
+    assert not list((vol.parent / ".fscr-snapshots").glob("rescue_*"))  # swapped back
+
+
+def test_a_corrupt_image_is_refused_before_replace_kills_the_running_tree(btrfs_volume,
+                                                                         workloads, store):
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    images = store / "checkpoints" / m["id"] / "images"
+    flip_a_bit(max(images.iterdir(), key=lambda p: p.stat().st_size))
+    out = fscr("restore", m["id"], "--replace", store=store, check=False)
+    assert out.returncode == 9 and "is corrupt (sha256)" in out.stderr
+    assert alive(pid)  # the tree --replace would have killed runs on
     assert not list((vol.parent / ".fscr-snapshots").glob("rescue_*"))  # nothing swapped
 
 

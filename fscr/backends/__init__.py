@@ -66,6 +66,9 @@ class RestoreRequest:
     # Memory served on demand by CRIU's lazy-pages daemon, which the caller has started
     # (fscr/lazy.py) with the same work directory.
     lazy: bool = False
+    # Called once the tree is restored and before any of it runs (CRIU's post-restore):
+    # raising makes CRIU kill the tree and fail, and is raised again by restore.
+    before_resume: Callable[[], None] | None = None
 
 
 class Backend(Protocol):

@@ -375,8 +375,11 @@ class Criu:
             def answer(script: str, notify: Any) -> None:
                 # The tree exists from here (it resumes after pre-resume): its root's PID is
                 # written where gc looks, in case fscr dies before CRIU's answer.
-                if script == "post-restore" and notify.HasField("pid"):
-                    _write_pid(pidfile, notify.pid)
+                if script == "post-restore":
+                    if notify.HasField("pid"):
+                        _write_pid(pidfile, notify.pid)
+                    if req.before_resume is not None:
+                        req.before_resume()
 
             swrk = Swrk("restore", req.log, req.netns, tuple(fd for fd, _ in req.inherit),
                         req.binds)

@@ -5,9 +5,11 @@ fscr died after CRIU restored the tree (as beside.py's finish_beside is for a co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +93,7 @@ class _Restore:
     rollback: bool = False  # journaled, so gc can restore again the way the user asked
     lazy: bool = False
     daemon: Task | None = None  # the lazy-pages daemon, once started
+    pages: Callable[[], None] | None = None  # waits for the page images' checksums
 
     def execute(self, replace: bool, force: bool, volumes_only: bool) -> RestoreResult:
         processes = self.backend.writes_image and not volumes_only
@@ -127,7 +130,12 @@ class _Restore:
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
             if isinstance(e, CriuFailed):
                 e = self.keep_failure(e, replace=replace, volumes_only=volumes_only)
+            with contextlib.suppress(FscrError):  # CRIU failed first: its error is the one
+                self.pages_verified()
             self.journal.close()
+            if isinstance(e, BadManifest):  # a page image, found corrupt at post-restore
+                raise BadManifest(f"{e}: nothing was restored and the volumes were put back "
+                                  "as they were") from None
             if isinstance(e, PagesCorrupt):
                 killed = "; the old tree was killed by --replace" if live else ""
                 raise PagesCorrupt(f"{e}: the lazily restored tree was killed and the volumes "
@@ -160,16 +168,36 @@ class _Restore:
     def validate(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         """Every check, before anything is killed or swapped. Returns the live tree.
 
-        The images' checksums (~0.85 ms per MB here, SHA-256 itself) are computed on another
+        The images' checksums (~0.6 ms per MB here, SHA-256 itself) are computed on another
         core while the other checks read /proc and the volumes; a corrupt image is reported
-        first, as if it had been checked first."""
-        # A lazy restore checks the page images (the bulk) while the tree runs.
-        which = (lambda name: not lazy.is_page_image(name)) if self.lazy else None
-        verified = verify_in_background(self.store, self.m, self.t.progress, which)
+        first, as if it had been checked first. The page images (the memory, the bulk of a
+        big process's image) are raw data CRIU parses nothing of: a lazy restore verifies
+        them while the tree runs, a plain one while CRIU restores it, before any of it runs
+        (pages_verified), unless a live tree is to be killed first."""
+        later = processes and not self.lazy  # page images verified while CRIU restores
+        verified = verify_in_background(self.store, self.m, self.t.progress,
+                                        (lambda n: not lazy.is_page_image(n))
+                                        if self.lazy or later else None)
+        if later:
+            self.pages = verify_in_background(self.store, self.m, self.t.progress,
+                                              lazy.is_page_image)
         try:
-            return self.validate_tree(processes, replace, force)
+            live = self.validate_tree(processes, replace, force)
+        except BaseException:
+            self.pages_verified()  # a corrupt image is reported first
+            raise
         finally:
             verified()
+        if live:  # --replace kills it next: never for a checkpoint with a corrupt image
+            self.pages_verified()
+        return live
+
+    def pages_verified(self) -> None:
+        """Wait for the page images' checksums, if they are still being computed; raises
+        BadManifest for a corrupt one (at CRIU's post-restore, CRIU then kills the tree)."""
+        wait, self.pages = self.pages, None
+        if wait is not None:
+            wait()
 
     def validate_tree(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         self.check_sources(processes)
@@ -295,7 +323,7 @@ class _Restore:
                 log=self.store.dir(self.m.id) / "criu-restore.log", pidfile=pidfile,
                 inherit=fds, tcp=self.m.tcp, netns=self.netns, options=frozenset(self.m.needs),
                 binds=tuple((str(c), v) for v, c in where.items()), cgroup=cgroup,
-                lazy=self.lazy), noting_pid(self.journal))
+                lazy=self.lazy, before_resume=self.pages_verified), noting_pid(self.journal))
         finally:
             for fd, _ in fds:
                 os.close(fd)
