@@ -33,67 +33,53 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from . import locks, names, pipeline, preflight, replicate, retention
+from . import locks, names, pipeline, preflight, records, replicate, retention
 from .errors import BadInput, Busy, FscrError
 from .process.target import Target
+from .records import Meta, Record
 from .retention import Policy
 from .store import Store
 
-
-def _no_nul(v: str) -> str:
-    if "\0" in v:
-        raise ValueError("holds a NUL byte")
-    return v
-
-
-# A path fscr passes to the kernel: no NUL (a system call cannot take it), never empty.
-PathStr = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
+# A path fscr passes to the kernel: never empty; no NUL byte either, which load() checks
+# for every string of a job file (a system call cannot take one).
+PathStr = Annotated[str, Meta(min_length=1, max_length=4096)]
+Name = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}\Z")]  # \Z: $ allows a final "\n"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, defer_build=True)
-
-
-class TargetSection(_Section):
+class TargetSection(Record):
     pid_file: PathStr | None = None
     cgroup: PathStr | None = None
-    name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")] | None = None  # fscr run --name
+    name: Name | None = None  # fscr run --name
 
-    @model_validator(mode="after")
-    def _one(self) -> TargetSection:
+    def __post_init__(self) -> None:
         if sum(x is not None for x in (self.pid_file, self.cgroup, self.name)) != 1:
             raise ValueError("give exactly one of pid_file, cgroup, name")
-        return self
 
 
-class SnapshotSection(_Section):
+class SnapshotSection(Record, kw_only=True):  # kw_only: a required field after a default
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
-    volumes: list[PathStr] = Field(min_length=1)
+    volumes: Annotated[list[PathStr], Meta(min_length=1)]
     lvm_size: str | None = None  # a classic LVM snapshot's size, as --lvm-size
 
-    @model_validator(mode="after")
-    def _size(self) -> SnapshotSection:
+    def __post_init__(self) -> None:
         if self.lvm_size is not None and self.kind != "lvm":
             raise ValueError("lvm_size applies to kind = \"lvm\" only")
-        return self
 
 
-class BackendSection(_Section):
+class BackendSection(Record):
     kind: Literal["criu", "freeze-only"] = "criu"
 
 
-class Job(_Section):
-    name: Annotated[str, Field(pattern=rf"^{names.ID_PATTERN}$")]
+class Job(Record, kw_only=True):
+    name: Name
     store: PathStr | None = None
     tcp: Literal["refuse", "close"] = "refuse"
-    allow: list[str] = []
+    allow: list[str] = records.field(default_factory=list)
     target: TargetSection
     snapshot: SnapshotSection
-    backend: BackendSection = BackendSection()
-    retention: Policy = Policy()
-    destination: list[replicate.Destination] = []
+    backend: BackendSection = records.field(default_factory=BackendSection)
+    retention: Policy = records.field(default_factory=Policy)
+    destination: list[replicate.Destination] = records.field(default_factory=list)
 
 
 def load(path: str) -> Job:
@@ -108,17 +94,47 @@ def load(path: str) -> Job:
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{path}: not valid TOML: {e}") from None
     data.setdefault("name", Path(path).stem.replace("-", "_"))
+    nul = _nul(data)
+    if nul is not None:
+        raise BadInput(f"{path}: key {nul}: holds a NUL byte")
     try:
-        job = Job.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise BadInput(f"{path}: key {key}: {err['msg']}") from None
+        job = records.convert(data, Job)
+    except records.Invalid as e:
+        key, what = _key(e)
+        raise BadInput(f"{path}: key {key}: {what}") from None
     unknown = set(job.allow) - set(preflight.KINDS)
     if unknown:
         raise BadInput(f"{path}: key allow: unknown kind(s) {sorted(unknown)}; known: "
                        f"{', '.join(preflight.KINDS)}")
     return job
+
+
+def _nul(value: object, key: str = "") -> str | None:
+    """The key of the first string in `value` (parsed TOML) that holds a NUL byte: no path,
+    host or option fscr passes on can hold one, so a job file may hold none."""
+    if isinstance(value, str):
+        return key if "\0" in value else None
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for k, v in items:
+        found = _nul(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+_FIELD = re.compile(r"Object (missing required|contains unknown) field `(.*)`")
+
+
+def _key(e: Exception) -> tuple[str, str]:
+    """(key, what is wrong) of a job file that does not validate, the key as the file names
+    it ("snapshot.volumes.0"); a missing or unknown key is named itself, not its table."""
+    where, what = records.why(e)
+    m = _FIELD.fullmatch(what)
+    if m is None:
+        return ("(top level)" if where == "(top)" else where), what
+    key = m[2] if where == "(top)" else f"{where}.{m[2]}"
+    return key, "required, but missing" if m[1] == "missing required" else "unknown key"
 
 
 def _target(job: Job) -> Target:

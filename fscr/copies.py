@@ -15,31 +15,30 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from . import snapshot
+from . import records, snapshot
 from .errors import FscrError, NoSuchCheckpoint
 from .fsutil import write_atomic
 from .names import COPY_PATTERN, ID_PATTERN, copy_cgroup, copy_path, is_copy
 from .process import freezer
+from .records import Meta, Record
+
+PathStr = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
+class CopyVolume(Record):
+    path: PathStr  # the volume, as the copy sees it
+    clone: PathStr  # where it lives on the host
 
 
-class CopyVolume(_Record):
-    path: Annotated[str, Field(min_length=1, max_length=4096)]  # the volume, as the copy sees it
-    clone: Annotated[str, Field(min_length=1, max_length=4096)]  # where it lives on the host
-
-
-class Copy(_Record):
+# kw_only: `version` comes first in the record (and in `fscr list --json`) but has a default.
+class Copy(Record, kw_only=True):
     version: Literal[1] = 1
-    name: Annotated[str, Field(pattern=rf"^{COPY_PATTERN}$")]
-    id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]
+    # \Z, not $: Python's $ also matches before a final newline (pydantic's did not).
+    name: Annotated[str, Meta(pattern=rf"^{COPY_PATTERN}\Z")]
+    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
     kind: Literal["btrfs"]
     volumes: list[CopyVolume]
-    cgroup: Annotated[str, Field(max_length=4096)]  # as /proc/PID/cgroup shows it
+    cgroup: Annotated[str, Meta(max_length=4096)]  # as /proc/PID/cgroup shows it
 
     def confined(self) -> bool:
         """Everything it names is what fscr names for this copy: delete touches nothing else."""
@@ -55,7 +54,8 @@ def _dir(store_root: Path) -> Path:
 
 
 def add(store_root: Path, rec: Copy) -> None:
-    write_atomic(_dir(store_root) / f"{rec.name}.json", rec.model_dump_json().encode())
+    # Built in Python, so not validated yet: checked, so that listed() reads back what it wrote.
+    write_atomic(_dir(store_root) / f"{rec.name}.json", records.encode(records.checked(rec)))
 
 
 def listed(store_root: Path) -> list[Copy]:
@@ -64,8 +64,8 @@ def listed(store_root: Path) -> list[Copy]:
     out = []
     for p in sorted((store_root / "copies").glob("*.json")):  # none: no directory made
         try:
-            rec = Copy.model_validate_json(p.read_bytes(), strict=True)
-        except (OSError, ValidationError, ValueError):
+            rec = records.decode(p.read_bytes(), Copy)
+        except (OSError, records.Invalid):
             continue
         if rec.name == p.stem and rec.confined():
             out.append(rec)

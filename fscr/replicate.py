@@ -34,28 +34,31 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from . import transfer
+from . import records, transfer
 from .errors import FscrError, MissingDependency, NoSuchCheckpoint
 from .fsutil import write_atomic
 from .names import check_id
+from .records import Meta, Record
 from .retention import Policy
 from .store import Store
 
 
-class _Dest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+class _Dest(Record, tag_field="kind"):
+    """A [[destination]] entry; its `kind` picks the class (msgspec's tagged union)."""
+
+    @property
+    def kind(self) -> str:
+        return self.__struct_config__.tag
 
 
-class SshDestination(_Dest):
-    kind: Literal["ssh"]
-    host: Annotated[str, Field(min_length=1, pattern=r"^[^-\s]\S*$")]  # never an ssh option
+class SshDestination(_Dest, tag="ssh"):
+    # Never an ssh option; \Z, not $: Python's $ also matches before a final newline.
+    host: Annotated[str, Meta(min_length=1, pattern=r"^[^-\s]\S*\Z")]
     store: str | None = None
     ssh_config: str | None = None
-    fscr: Annotated[str, Field(min_length=1)] = "fscr"
+    fscr: Annotated[str, Meta(min_length=1)] = "fscr"
     retention: Policy | None = None  # absent: the far side keeps everything (btrbk's default)
 
     @property
@@ -63,11 +66,10 @@ class SshDestination(_Dest):
         return f"ssh:{self.host}" + (f":{self.store}" if self.store else "")
 
 
-class ResticDestination(_Dest):
-    kind: Literal["restic"]
-    repository: Annotated[str, Field(min_length=1)]
+class ResticDestination(_Dest, tag="restic"):
+    repository: Annotated[str, Meta(min_length=1)]
     password_file: str | None = None
-    options: list[str] = []
+    options: list[str] = records.field(default_factory=list)
     retention: Policy | None = None  # absent: the job's retention
 
     @property
@@ -75,7 +77,7 @@ class ResticDestination(_Dest):
         return f"restic:{self.repository}"
 
 
-Destination = Annotated[SshDestination | ResticDestination, Field(discriminator="kind")]
+Destination = SshDestination | ResticDestination
 
 
 @dataclass
@@ -91,7 +93,7 @@ class DestinationReport:
     error: str | None = None
 
 
-def replicate(dests: list[SshDestination | ResticDestination], job: str, ckpt_id: str,
+def replicate(dests: list[Destination], job: str, ckpt_id: str,
               job_policy: Policy, store_dir: str | None) -> list[DestinationReport]:
     """Copy checkpoint `ckpt_id` to every destination, then apply each one's retention there.
     Never raises for a destination that fails: its report says why. What a failed transfer
@@ -233,7 +235,7 @@ def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
 
 
 def _policy_args(p: Policy) -> list[str]:
-    return [a for k, v in p.model_dump().items() if v
+    return [a for k, v in records.plain(p).items() if v
             for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -292,7 +294,7 @@ def _to_restic(d: ResticDestination, job: str, ckpt_id: str, job_policy: Policy,
 def _forget(restic: list[str], env: dict[str, str], job: str, policy: Policy) -> list[str]:
     keep = {"keep_last": "--keep-last", "hourly": "--keep-hourly", "daily": "--keep-daily",
             "weekly": "--keep-weekly", "monthly": "--keep-monthly", "yearly": "--keep-yearly"}
-    args = [a for k, v in policy.model_dump().items() if v for a in (keep[k], str(v))]
+    args = [a for k, v in records.plain(policy).items() if v for a in (keep[k], str(v))]
     # Each checkpoint has its own path, so restic's default grouping (host, paths) would put
     # each in a group of one: group this job's snapshots by host only.
     p = subprocess.run([*restic, "forget", "--json", "--tag", f"fscr-job={job}", "--group-by",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from .records import Meta, Record
 
 RULES: dict[str, Callable[[datetime], tuple[int, ...]]] = {
     "hourly": lambda t: (t.year, t.month, t.day, t.hour),
@@ -25,14 +25,12 @@ RULES: dict[str, Callable[[datetime], tuple[int, ...]]] = {
 }
 
 
-Count = Annotated[int, Field(ge=0, le=100000)]
+Count = Annotated[int, Meta(ge=0, le=100000)]
 
 
-class Policy(BaseModel):
+class Policy(Record):
     """Counts per rule; 0 turns a rule off. Also the [retention] table of a backup job, so it
-    validates what a job file gives it."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, defer_build=True)
+    validates what a job file gives it (fscr prune --job: click checks the same range)."""
 
     keep_last: Count = 0
     hourly: Count = 0

@@ -31,17 +31,16 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, BinaryIO, Literal
+from typing import Annotated, BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-from . import snapshot
+from . import records, snapshot
 from .errors import BadManifest, BadStream, FscrError, MissingParent, NoSpace, Refused
 from .journal import Journal
 from .manifest import Manifest
 from .names import ID_PATTERN, check_id
 from .pipeline.common import Progress, quiet
 from .progress import Meter, meter
+from .records import Meta, Record
 from .store import Store
 
 MAGIC = b"FSCR-STREAM 1\n"
@@ -123,35 +122,49 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
     return Sent(m.id, parent, s.bytes)
 
 
-class _Header(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+class _Header(Record, tag_field="type"):
+    """A record's header line; its "type" picks the class (msgspec's tagged union)."""
 
 
-class ManifestHeader(_Header):
-    type: Literal["manifest"]
+class ManifestHeader(_Header, tag="manifest"):
+    pass
 
 
-class ImageHeader(_Header):
-    type: Literal["image"]
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,255}$")]
+# \Z, not $: Python's $ also matches before a final newline.
+class ImageHeader(_Header, tag="image"):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]
 
 
-class VolumeHeader(_Header):
-    type: Literal["volume"]
-    n: Annotated[int, Field(ge=0)]
-    parent: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")] | None
+class VolumeHeader(_Header, tag="volume"):
+    n: Annotated[int, Meta(ge=0)]
+    parent: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")] | None
 
 
-class EndHeader(_Header):
-    type: Literal["end"]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+class EndHeader(_Header, tag="end"):
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 
 
 # A record header, validated like a manifest: a wrong type, a missing or extra key, or JSON
-# nested deeper than pydantic's parser allows is one BadStream, never a Python error.
-Header = Annotated[ManifestHeader | ImageHeader | VolumeHeader | EndHeader,
-                   Field(discriminator="type")]
-_HEADER: TypeAdapter[Header] = TypeAdapter(Header)
+# nested too deep is one BadStream, never a Python error.
+Header = ManifestHeader | ImageHeader | VolumeHeader | EndHeader
+_TYPES = {c.__struct_config__.tag for c in (ManifestHeader, ImageHeader, VolumeHeader, EndHeader)}
+
+
+class _Type(records.Struct):
+    """Only a header's "type" (any other key ignored): to say where an invalid one failed."""
+    type: str
+
+
+def _where(line: bytes, where: str) -> str:
+    """Where in header `line` it failed, after its type as the reader knows it
+    ("image.name"): msgspec's path starts inside the record its "type" picked."""
+    try:
+        kind = records.decode(line, _Type).type
+    except (records.Invalid, RecursionError):
+        return where
+    if kind not in _TYPES or where == "type":
+        return where
+    return kind if where == "(top)" else f"{kind}.{where}"
 
 
 class _In:
@@ -178,13 +191,16 @@ class _In:
         return data
 
     def header(self) -> Header:
+        line = self.line()
         try:
-            return _HEADER.validate_json(self.line(), strict=True)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top)"
-            raise BadStream(f"the stream is corrupt (a record header is invalid at {where}: "
-                            f"{err['msg']})") from None
+            return records.decode(line, Header)
+        except records.Invalid as e:
+            where, what = records.why(e)
+            where = _where(line, where)
+        except RecursionError:  # msgspec skips a value ahead of "type" (keys come sorted)
+            where, what = "(top)", "JSON nested too deep"
+        raise BadStream(f"the stream is corrupt (a record header is invalid at {where}: "
+                        f"{what})")
 
     def payload(self, sink: Callable[[bytes], None], limit: int | None = None) -> int:
         total = 0

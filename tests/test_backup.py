@@ -75,7 +75,7 @@ def test_a_wrong_key_names_file_key_and_what_is_expected(tmp_path, store):
     p.write_text('[target]\nname = "x"\n[snapshot]\nvolumes = ["/srv"]\n[retention]\ndaily = "7"\n')
     out = fscr("backup", str(p), check=False)
     assert out.returncode == 16 and f"{p}: key retention.daily: " in out.stderr
-    assert "integer" in out.stderr
+    assert "Expected `int`, got `str`" in out.stderr
     p.write_text('[target]\nname = "x"\npid_file = "/run/x.pid"\n[snapshot]\nvolumes = ["/s"]\n')
     out = fscr("backup", str(p), check=False)
     assert out.returncode == 16 and "exactly one of pid_file, cgroup, name" in out.stderr

@@ -129,10 +129,12 @@ def test_a_read_only_store_is_read_and_refused_for_writing(tmp_path):
 
 @pytest.mark.parametrize("body, text", [
     (b"\xff\xfe[target]\n", "not UTF-8"),
-    ('store = "/tmp/\\u0000x"\n' + GOOD_JOB, "key store: Value error, holds a NUL byte"),
+    ('store = "/tmp/\\u0000x"\n' + GOOD_JOB, "key store: holds a NUL byte"),
     ('[target]\nname = "app"\n[snapshot]\nvolumes = ["/srv/\\u0000"]\n', "key snapshot.volumes.0"),
     ('[target]\nname = "app"\n[snapshot]\nvolumes = [""]\n', "key snapshot.volumes.0"),
     ('[target]\npid_file = "/run/\\u0000"\n[snapshot]\nvolumes = ["/x"]\n', "target.pid_file"),
+    ('[target]\nname = "app\\n"\n[snapshot]\nvolumes = ["/x"]\n', "key target.name"),  # not $
+    ('[target]\nname = "app"\n', "key snapshot: required"),
 ])
 def test_a_bad_job_file_is_one_line(body, text, tmp_path):
     p = job(tmp_path, body)
@@ -474,6 +476,9 @@ def _with(records: list[tuple[bytes, bytes]], kind: str, new: bytes | None = Non
     ("image name a list", 18, "a record header is invalid at image.name"),
     ("parent a number", 18, "a record header is invalid at volume.parent"),
     ("deeply nested", 18, "a record header is invalid"),
+    # keys come sorted, "name" before "type": the value is skipped, deeply, to find the type
+    ("deeply nested before its type", 18, "a record header is invalid at (top): JSON nested"),
+    ("image name ends in a newline", 18, "a record header is invalid at image.name"),
     ("unknown record", 18, "a record header is invalid"),
     ("btrfs receive dies", 18, "btrfs receive of volume"),
     ("bad end digest", 18, "sha256 does not match"),
@@ -485,6 +490,10 @@ def test_a_bad_stream_is_one_line_and_leaves_nothing(case, code, text, sent, tmp
         "parent a number": lambda r: _with(r, "volume", header(type="volume", n=0, parent=5)),
         "deeply nested": lambda r: _with(r, "image", b'{"type": "image", "name": '
                                          + b"[" * 1500 + b"]" * 1500 + b"}\n"),
+        "deeply nested before its type": lambda r: _with(
+            r, "image", b'{"name": ' + b"[" * 2000 + b"]" * 2000 + b', "type": "image"}\n'),
+        "image name ends in a newline": lambda r: _with(r, "image",
+                                                        header(type="image", name="core.img\n")),
         "unknown record": lambda r: _with(r, "image", header(type="evil", name="x")),
         # btrfs receive reads the stream's magic, finds zeros, and exits: the rest of the
         # payload meets a closed pipe.

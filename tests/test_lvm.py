@@ -58,7 +58,7 @@ def lv_row(name: str, attr: str, segtype: str = "linear", origin: str = "", pool
            size: int = 1 << 30, vg: str = "data") -> LogicalVolume:
     """A row as `lvs --reportformat json` reports it (lvm2 gives every value as a string);
     this kernel cannot create the LV it would describe."""
-    return LogicalVolume.model_validate({
+    return LogicalVolume.of({
         "lv_name": name, "vg_name": vg, "lv_uuid": "x", "lv_attr": attr, "lv_size": str(size),
         "origin": origin, "pool_lv": pool, "segtype": segtype, "snap_percent": "",
         "lv_kernel_major": "254", "lv_kernel_minor": "3"})

@@ -353,10 +353,11 @@ def test_move_to_a_host_that_is_not_a_destination_is_refused(btrfs_volume, workl
 
 @pytest.mark.parametrize("entry, key", [
     ('kind = "ftp"\nhost = "far"', "destination.0"),
-    ('kind = "ssh"', "destination.0.ssh.host"),
-    ('kind = "ssh"\nhost = "-oProxyCommand=x"', "destination.0.ssh.host"),
+    ('kind = "ssh"', "destination.0.host"),
+    ('kind = "ssh"\nhost = "-oProxyCommand=x"', "destination.0.host"),
+    ('kind = "ssh"\nhost = "far\\n"', "destination.0.host"),  # not $, which allows a final \n
     ('kind = "restic"\nrepository = "/r"\nretention = { keep_lots = 3 }',
-     "destination.0.restic.retention.keep_lots"),
+     "destination.0.retention.keep_lots"),
 ])
 def test_a_wrong_destination_names_the_key(entry, key, tmp_path, store):
     job = job_file(tmp_path, store, tmp_path / "vol", "app", f"[[destination]]\n{entry}\n")

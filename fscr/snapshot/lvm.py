@@ -35,11 +35,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, Self, TypeVar
 
 import sh
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from .. import records
 from ..errors import (
     BadInput,
     BadManifest,
@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..fsutil import Mount, mount_at
 from ..names import LV_PREFIX, VG_PATTERN, lv_rescue_name, lv_restored_name, lv_snapshot_name
+from ..records import Meta, Record, Struct
 from .devices import DeviceWatch, dm_device
 
 DEFAULT_SIZE = "20%ORIGIN"
@@ -62,7 +63,7 @@ LVS_FIELDS = ("lv_name,vg_name,lv_uuid,lv_attr,lv_size,origin,pool_lv,segtype,sn
 VGS_FIELDS = "vg_name,vg_free,vg_extent_size"
 
 Runner = Callable[[list[str]], str]
-Row = TypeVar("Row", bound=BaseModel)
+Row = TypeVar("Row", bound="_Row")
 
 
 def unavailable() -> str | None:
@@ -102,26 +103,41 @@ def run(argv: list[str]) -> str:
 
 # ------------------------------------------------------------------------------ lvm2's report
 
-class LogicalVolume(BaseModel):
-    """One row of `lvs --reportformat json` (lvm2 reports every value as a string)."""
+class _Row(Struct, frozen=True):
+    """One row of an lvm2 JSON report. A key fscr does not ask for is ignored; `of` reads the
+    values lvm2 gives as strings, then validates strictly."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    lv_name: str = Field(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+    numbers: ClassVar[tuple[str, ...]] = ()  # the fields lvm2 reports as strings of digits
 
-    @field_validator("lv_name", mode="before")
     @classmethod
-    def _shown(cls, v: object) -> object:
-        return v[1:-1] if isinstance(v, str) and v[:1] == "[" and v[-1:] == "]" else v  # hidden
+    def of(cls, row: object) -> Self:
+        if isinstance(row, dict):  # anything else: convert says what is wrong
+            row = {k: int(v) if k in cls.numbers and isinstance(v, str)
+                   and re.fullmatch(r"-?[0-9]+", v) else v for k, v in row.items()}
+            name = row.get("lv_name")
+            if isinstance(name, str) and name[:1] == "[" and name[-1:] == "]":
+                row["lv_name"] = name[1:-1]  # lvm2 shows a hidden LV's name in brackets
+        return records.convert(row, cls)
 
-    vg_name: str = Field(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+
+# \Z, not $: Python's $ also matches before a final newline.
+LvmName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")]
+
+
+class LogicalVolume(_Row):
+    """One row of `lvs --reportformat json`."""
+
+    numbers = ("lv_size", "lv_kernel_major", "lv_kernel_minor")
+    lv_name: LvmName
+    vg_name: LvmName
     lv_uuid: str
-    lv_attr: str = Field(min_length=10)
-    lv_size: int = Field(ge=0)
+    lv_attr: Annotated[str, Meta(min_length=10)]
+    lv_size: Annotated[int, Meta(ge=0)]
     origin: str
     pool_lv: str
     segtype: str
     snap_percent: str
-    lv_kernel_major: int
+    lv_kernel_major: int  # -1: not active
     lv_kernel_minor: int
 
     @property
@@ -155,11 +171,13 @@ class LogicalVolume(BaseModel):
         return self.lv_attr[0] == "S" or self.lv_attr[0] == "O"
 
 
-class VolumeGroup(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class VolumeGroup(_Row):
+    """One row of `vgs --reportformat json`."""
+
+    numbers = ("vg_free", "vg_extent_size")
     vg_name: str
-    vg_free: int = Field(ge=0)
-    vg_extent_size: int = Field(gt=0)
+    vg_free: Annotated[int, Meta(ge=0)]
+    vg_extent_size: Annotated[int, Meta(gt=0)]
 
 
 def lvs_command(vg: str | None = None) -> list[str]:
@@ -177,11 +195,12 @@ def parse_report(out: str, key: str, model: type[Row]) -> list[Row]:
     """The rows of an lvm2 JSON report ({"report": [{key: [...]}]}), each validated."""
     try:
         data = json.loads(out)
-        rows = [row for part in data["report"] for row in part.get(key, [])]
-        return TypeAdapter(list[model]).validate_python(rows)
-    except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as e:
-        first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise SnapshotFailed(f"cannot read lvm2's {key} report: {first}") from None
+        return [model.of(row) for part in data["report"] for row in part.get(key, [])]
+    except records.Invalid as e:
+        where, what = records.why(e)
+        raise SnapshotFailed(f"cannot read lvm2's {key} report: {what} at {where}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SnapshotFailed(f"cannot read lvm2's {key} report: {e}") from None
 
 
 # -------------------------------------------------------------------------- the commands
@@ -234,10 +253,9 @@ def mount_command(device: str, volume: Path, fstype: str, options: list[str]) ->
             str(volume)]
 
 
-class Remount(BaseModel):
+class Remount(Struct, frozen=True):  # a key it does not know is ignored
     """Where and how a volume was mounted, to mount it again after a merge."""
 
-    model_config = ConfigDict(frozen=True)
     point: str
     fstype: str
     options: list[str]  # the mount's own flags (ro, nosuid, noatime...), not "rw"
@@ -265,11 +283,10 @@ def remount_command(origin: LogicalVolume, mount: Remount) -> list[str]:
 
 # ------------------------------------------------------------------------------ the provider
 
-class LvmSwap(BaseModel):
+class LvmSwap(Record):
     """What a restore's swap_in did, journaled (as JSON) before it changes the volume: how
     the volume gets the checkpoint's contents, and the LV that gives them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     how: Literal["mount", "merge"]
     lv: str  # vg/name: the LV mounted over the volume, or the snapshot merged into it
     origin: str  # vg/name: the volume's own LV
@@ -443,7 +460,7 @@ class Lvm:
             self.run(snapshot_command(origin, split(rescue)[1],
                                       f"{self._rescue_bytes(snap, origin)}b", writable=True))
             swap = LvmSwap(how="merge", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
-            made(swap.model_dump_json())
+            made(records.encode(swap).decode())
             self._merge(origin, snap.lv_name, swap.mount)
             return
         if snap.thin:
@@ -457,7 +474,7 @@ class Lvm:
             device = snap.path
             swap = LvmSwap(how="mount", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
             options = [*dict.fromkeys([*swap.mount.options, "ro"])]
-        made(swap.model_dump_json())
+        made(records.encode(swap).decode())
         self.run(mount_command(device, volume, mount.fstype, options))
 
     def _merge(self, origin: LogicalVolume, merged: str, mount: Remount) -> None:
@@ -558,8 +575,8 @@ class Lvm:
 
 def _swap(copy: str) -> LvmSwap:
     try:
-        return LvmSwap.model_validate_json(copy)
-    except ValidationError:
+        return records.decode(copy, LvmSwap)
+    except (records.Invalid, RecursionError):  # RecursionError: a deep value Remount skips
         raise BadManifest(f"a journal names an LVM swap fscr does not know: {copy[:80]}") \
             from None
 
