@@ -34,7 +34,7 @@ class Attempt(Record, kw_only=True):
     """attempt.json: read back by list and gc, so validated like every record fscr reads."""
 
     version: Literal[1] = 1
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}$")]
+    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
     op: Literal["checkpoint", "restore"]
     when: Annotated[datetime, Meta(tz=True)]
     error: Text  # the line fscr printed

@@ -19,7 +19,7 @@ from .records import Meta
 
 SCHEMA_VERSION = 1
 
-Id = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}$")]
+Id = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}\Z")]
 AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
 Pid = Annotated[int, Meta(gt=0)]
 Count = Annotated[int, Meta(ge=0)]
@@ -95,12 +95,12 @@ class VolumeRecord(Record):
 class Relink(Record):
     n: Count
     volume: AbsPath
-    name: Annotated[str, Meta(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+$")]
+    name: Annotated[str, Meta(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+\Z")]
     original_path: AbsPath
     pid: Pid
     fd: Annotated[int, Meta(ge=-1)]  # -1: held by a mapping or as the executable
     kind: Literal["fd", "map", "exe"]
-    key: Annotated[str, Meta(pattern=r"^file\[[0-9a-f]+:[0-9a-f]+\]$")]
+    key: Annotated[str, Meta(pattern=r"^file\[[0-9a-f]+:[0-9a-f]+\]\Z")]
     flags: Count
     pos: Count
     size: Count
@@ -110,9 +110,9 @@ class Relink(Record):
 
 
 class ImageFile(Record):
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}$")]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]
     size: Count
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 
 
 class SocketRecord(Record):
@@ -199,7 +199,7 @@ class Manifest(Record, kw_only=True):  # pidns has a default, the fields after i
     pidns: bool = False  # the root is init of a PID namespace of its own (fscr run --pidns)
     # CRIU's nftables table that keeps --tcp established connections silent until restore
     # (21 characters of CRIU's run id; 36 in checkpoints of fscr 0.1, which named it whole)
-    netlock: Annotated[str, Meta(pattern=r"^CRIU-[0-9a-f-]{21}([0-9a-f-]{15})?$")] | None
+    netlock: Annotated[str, Meta(pattern=r"^CRIU-[0-9a-f-]{21}([0-9a-f-]{15})?\Z")] | None
     images: list[ImageFile]
     image_bytes: Count
     durations: dict[str, float]

@@ -40,7 +40,7 @@ class CgroupOf(Record):
 
 class Origin(Record, kw_only=True):
     version: Literal[1] = 1
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}$")]
+    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
     machine: Short
     boot: Short
     lineage: Pair

@@ -38,7 +38,7 @@ def _private_dir(path: Path) -> Path:
 class RescueRecord(Record):
     """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`)."""
 
-    name: Annotated[str, Meta(pattern=rf"^{RESCUE_PATTERN}$")]
+    name: Annotated[str, Meta(pattern=rf"^{RESCUE_PATTERN}\Z")]
     paths: list[AbsPath]
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
 
