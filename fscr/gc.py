@@ -220,7 +220,7 @@ def plan_restore(store: Store, run: Run) -> Plan:
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
-    killed = [Task(p, s) for e in run.events("kill") for p, s in e.get("tasks", [])]
+    killed = [Task(p, s) for e in run.events("kill") for p, s in e["tasks"]]
     if killed and m is not None and not any(t.alive() for t in killed):
         # --replace had killed the old tree: undoing the swaps alone would leave the workload
         # down, so gc finishes what the user asked for, from a clean state.

@@ -235,7 +235,7 @@ class _Checkpoint:
                 # Commit while the tree is still frozen, then kill it: a run that dies before
                 # the commit leaves the tree running (the watchdog or gc thaws it).
                 m = self.commit(self.window())
-                self.journal.note("kill", pids=[x.pid for x in self.tasks])
+                self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in self.tasks])
                 # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
                 # an init that dies takes its PID namespace along.
                 for x in self.tasks:
