@@ -37,8 +37,11 @@ def _private_dir(path: Path) -> Path:
 
 
 class RescueRecord(Record):
-    """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`)."""
+    """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`).
+    `version` is the record's format (a record without one, written before it existed, is
+    version 1; another version is damaged, as an unreadable record is)."""
 
+    version: Literal[1] = 1
     name: Annotated[str, Field(pattern=rf"^{RESCUE_PATTERN}$")]
     paths: list[AbsPath]
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
@@ -192,7 +195,7 @@ class Store:
     def add_rescue(self, name: str, paths: list[str], kind: str) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed; `kind`
         is the snapshot provider that made it."""
-        data = json.dumps({"name": name, "paths": paths, "kind": kind}).encode()
+        data = json.dumps({"version": 1, "name": name, "paths": paths, "kind": kind}).encode()
         write_atomic(self._rescue_file(name), data)
 
     def rescues(self, damaged: Callable[[str], None] | None = None) -> list[dict]:
@@ -209,7 +212,7 @@ class Store:
                     why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
                     damaged(f"rescue record {p.name} is damaged ({why}): ignored")
                 continue
-            out.append(rec.model_dump())
+            out.append(rec.model_dump(exclude={"version"}))  # `list` shows what it names
         return out
 
     def remove_rescue(self, name: str) -> None:
