@@ -40,7 +40,7 @@ KILL_CRIU_AT_ENV = "FSCR_TEST_KILL_CRIU_AT"
 # Every line of a journal is one of these. A line whose event is not listed here, or whose
 # fields are not its payload's, makes the journal damaged: gc then reports it and leaves it
 # (and what it names) to a human rather than guess. docs/crash-safety.md's table is rendered
-# from this list (tests/test_journal.py checks it), and tests/test_crash.py kills fscr at each.
+# from this list, and tests/test_crash.py checks it matches and kills fscr at each event.
 
 VERSION = 1  # of the journal's format; in `begin` as "v" (a journal without it is version 1)
 
@@ -272,7 +272,6 @@ def invalid(entry: object) -> str | None:
         err = e.errors()[0]
         return f"{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}"
     return None
-
 
 
 @dataclass
