@@ -221,8 +221,9 @@ EVENTS: dict[str, Event] = {e.name: e for e in [
           "the snapshot merged), then swapped in", "as for swap"),
     Event("lazy", TaskOf, {"restore": LAZY_OPT},
           "CRIU's lazy-pages daemon started (its PID and start time)",
-          "with a restored tree: the daemon waited for like CRIU (killing it would zero the "
-          "pages it has not copied); without one: the daemon stopped, the swaps undone"),
+          "with a restored tree: the daemon left alone (killing it would zero the pages it "
+          "has not copied; it exits once every page is in); without one: the daemon stopped, "
+          "the swaps undone"),
     Event("clone", Clone, {"beside": None},
           "a writable clone `.fscr-snapshots/copy_<id>_<time>_<hex>/<n>` made",
           "removed unless CRIU restored the copy (then its relinks are unlinked)"),
