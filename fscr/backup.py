@@ -159,7 +159,7 @@ def run(job: Job, now: datetime | None = None,
     t0 = time.monotonic()
     report = RunReport(job.name, "failed")
     try:
-        with locks.hold([f"backup job {job.name}"], wait=0):
+        with locks.hold([locks.backup_job_lock(job.name)], wait=0):
             m = pipeline.checkpoint(pipeline.CheckpointRequest(
                 target=_target(job), volumes=job.snapshot.volumes, snapshot=job.snapshot.kind,
                 lvm_size=job.snapshot.lvm_size,

@@ -6,6 +6,7 @@ lists them. Anything that is not an FscrError is a bug and is shown with its tra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -21,6 +22,14 @@ class NotRoot(FscrError):
     """Not run as root: fscr freezes cgroups and runs CRIU."""
 
     exit_code = 3
+
+
+def require_root() -> None:
+    """The one root check: Store.open makes it, and the commands that need root without a
+    store (`fscr run`, a backup before its job names a store) call it themselves."""
+    if os.geteuid() != 0:
+        raise NotRoot("fscr must run as root (it freezes cgroups, runs CRIU and keeps a "
+                      "root-only store)")
 
 
 class BadTarget(FscrError):

@@ -6,6 +6,11 @@ cgroup fscr/ckpt_<id>, the store's checkpoints/<id>): so gc can prove a thing is
 whose owner (PID and start time) still lives is left alone, and gc takes the same locks as a
 run, so it never races one; a committed checkpoint is never removed, nor a rescue snapshot of
 a restore that completed.
+
+What gc observes (Facts: which cgroups are frozen, which relinks and snapshots are left, which
+CRIU and killed tasks live, what is committed) is kept apart from what it decides (the plan_*
+functions): those read only the journal and the facts, so tests/test_gc_plan.py checks them by
+table without root. Whether a run's owner lives is observed before, by journal.unfinished.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import failures, lazy, locks, netlock, origins, pipeline, relink, snapshot
 from .backends import criu_log
 from .errors import Busy, FscrError
 from .journal import Run, unfinished
+from .locks import restore_lock, volume_lock, workload_lock
 from .manifest import Manifest
 from .names import copy_cgroup, is_copy
-from .pipeline import finish_restore, restore_lock, trust, volume_lock, workload_lock
+from .pipeline import finish_restore, trust
 from .process import freezer
 from .process.freezer import Cgroup
 from .process.target import put_back
@@ -46,35 +52,122 @@ class Plan:
         self.steps.append((what, do))
 
 
-def _criu(run: Run) -> list[Task]:
+class Facts(Protocol):
+    """What gc observes of this machine, asked by the planners; `Machine` asks the machine."""
+
+    def provider(self, kind: str) -> snapshot.Provider: ...
+    def alive(self, task: Task) -> bool: ...
+    def cgroup(self, rel: str) -> Cgroup: ...  # by its path as /proc/PID/cgroup shows it
+    def cgroup_exists(self, cg: Cgroup) -> bool: ...
+    def frozen(self, cg: Cgroup) -> bool: ...  # exists and is frozen
+    def relinks(self, volume: Path, ckpt_id: str) -> list[str]: ...
+    def committed(self, ckpt_id: str) -> bool: ...
+    def has_dir(self, ckpt_id: str) -> bool: ...  # the store's checkpoints/<id>
+    def manifest(self, ckpt_id: str) -> Manifest | None: ...  # None: unreadable or gone
+    def draft(self, run: Run) -> Manifest | None: ...
+    def dump_finished(self, ckpt_id: str) -> bool: ...  # CRIU's dump log says so
+    def snapshot_found(self, kind: str, volume: Path, ckpt_id: str, n: int) -> str | None: ...
+    def snapshot_left(self, kind: str, path: str) -> bool: ...  # it, or its directory
+    def restored_root(self, run: Run, cgroup: str) -> int | None: ...
+    def pages_corrupt(self, run: Run, m: Manifest) -> bool: ...
+    def swapped(self, kind: str, volume: Path, copy: snapshot.Copy) -> bool: ...
+    def leftover(self, kind: str, volume: Path, rescue: str) -> bool: ...
+
+
+@dataclass
+class Machine:
+    """The facts as this machine shows them now."""
+
+    store: Store
+    providers: dict[str, snapshot.Provider] = field(default_factory=dict)
+
+    def provider(self, kind: str) -> snapshot.Provider:
+        # loaded when first needed: btrfs needs libbtrfsutil, LVM its tools
+        if kind not in self.providers:
+            self.providers[kind] = snapshot.get(kind)
+        return self.providers[kind]
+
+    def alive(self, task: Task) -> bool:
+        return task.alive()
+
+    def cgroup(self, rel: str) -> Cgroup:
+        return freezer.at(rel)
+
+    def cgroup_exists(self, cg: Cgroup) -> bool:
+        return cg.exists()
+
+    def frozen(self, cg: Cgroup) -> bool:
+        return cg.exists() and cg.frozen()
+
+    def relinks(self, volume: Path, ckpt_id: str) -> list[str]:
+        return relink.list_relinks(volume, ckpt_id)
+
+    def committed(self, ckpt_id: str) -> bool:
+        return self.store.committed(ckpt_id)
+
+    def has_dir(self, ckpt_id: str) -> bool:
+        return self.store.exists(ckpt_id)
+
+    def manifest(self, ckpt_id: str) -> Manifest | None:
+        try:
+            return self.store.load(ckpt_id)
+        except FscrError:
+            return None  # deleted since, or unreadable
+
+    def draft(self, run: Run) -> Manifest | None:
+        return _draft(self.store, run)
+
+    def dump_finished(self, ckpt_id: str) -> bool:
+        return criu_log.dump_finished(self.store.dir(ckpt_id) / "criu-dump.log")
+
+    def snapshot_found(self, kind: str, volume: Path, ckpt_id: str, n: int) -> str | None:
+        return self.provider(kind).find(volume, ckpt_id, n)
+
+    def snapshot_left(self, kind: str, path: str) -> bool:
+        return self.provider(kind).exists(path) or Path(path).parent.exists()
+
+    def restored_root(self, run: Run, cgroup: str) -> int | None:
+        return _restored_root(self.store, run, cgroup)
+
+    def pages_corrupt(self, run: Run, m: Manifest) -> bool:
+        return _pages_corrupt(self.store, run, m)
+
+    def swapped(self, kind: str, volume: Path, copy: snapshot.Copy) -> bool:
+        return self.provider(kind).swapped(volume, copy)
+
+    def leftover(self, kind: str, volume: Path, rescue: str) -> bool:
+        return self.provider(kind).leftover(volume, rescue)
+
+
+def _criu(run: Run, facts: Facts) -> list[Task]:
     """CRIU, which gc lets finish (and kills after a grace time). Not the lazy-pages daemon
     of a lazy restore: while its tree runs it is never killed (the pages it has not copied
     yet would read as zeroes) and it exits on its own once every page is in; it is stopped
     only when no tree runs on it (plan_restore)."""
-    return [t for e in run.events("criu") if (t := Task(e["pid"], e["starttime"])).alive()]
+    return [t for e in run.events("criu") if facts.alive(t := Task(e.pid, e.starttime))]
 
 
-def _lazy_daemons(run: Run) -> list[Task]:
-    return [t for e in run.events("lazy") if (t := Task(e["pid"], e["starttime"])).alive()]
+def _lazy_daemons(run: Run, facts: Facts) -> list[Task]:
+    return [t for e in run.events("lazy") if facts.alive(t := Task(e.pid, e.starttime))]
 
 
-def _thaw_steps(plan: Plan) -> None:
+def _thaw_steps(plan: Plan, facts: Facts) -> None:
     for e in plan.run.events("freeze"):
-        cg = Cgroup(e["kind"], Path(e["cgroup"]))
-        if cg.exists() and cg.frozen():
+        cg = Cgroup(e.kind, Path(e.cgroup))
+        if facts.frozen(cg):
             plan.add(f"thaw cgroup {cg.path}", cg.thaw)
     moves = plan.run.events("move")
     if moves:
-        own = Cgroup(moves[0]["kind"], Path(moves[0]["cgroup"]))
-        moved = {e["pid"]: e["original"] for e in moves}
-        if own.exists():
+        own = Cgroup(moves[0].kind, Path(moves[0].cgroup))
+        moved = {e.pid: e.original for e in moves}
+        if facts.cgroup_exists(own):
             plan.add(f"put the tasks in {own.path} back in their cgroups, remove it",
                      lambda: put_back(moved, own))
 
 
-def _relink_steps(plan: Plan) -> None:
-    for vol in plan.run.begin.get("volumes", []):
-        names = relink.list_relinks(Path(vol), plan.run.id)
+def _relink_steps(plan: Plan, facts: Facts) -> None:
+    for vol in plan.run.begin.volumes:
+        names = facts.relinks(Path(vol), plan.run.id)
         if names:
             plan.add(f"remove {len(names)} relink(s) unlink-at-restart-{plan.run.id}-* "
                      f"from {vol}", lambda v=vol: relink.remove_relinks(Path(v), plan.run.id))
@@ -86,7 +179,7 @@ def _draft(store: Store, run: Run) -> Manifest | None:
     drafts = run.events("draft")
     if not drafts or not store.images(run.id).exists():
         return None
-    m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
+    m = Manifest.from_bytes(json.dumps(drafts[-1].manifest).encode(), f"draft {run.id}")
     return m.model_copy(update={"netlock": netlock.of_images(store.images(run.id))})
 
 
@@ -97,12 +190,12 @@ def _commit_draft(store: Store, m: Manifest) -> None:
     store.commit(m)
 
 
-def plan_checkpoint(store: Store, run: Run) -> Plan:
+def plan_checkpoint(store: Store, run: Run, facts: Facts) -> Plan:
     plan = Plan(run)
-    _thaw_steps(plan)  # first: a frozen workload is thawed at once
-    _relink_steps(plan)
-    draft = None if store.committed(run.id) else _draft(store, run)
-    if draft is not None and criu_log.dump_finished(store.dir(run.id) / "criu-dump.log"):
+    _thaw_steps(plan, facts)  # first: a frozen workload is thawed at once
+    _relink_steps(plan, facts)
+    draft = None if facts.committed(run.id) else facts.draft(run)
+    if draft is not None and facts.dump_finished(run.id):
         plan.add("commit the checkpoint: CRIU finished its dump and killed the tree, so the "
                  "image is all that is left of it", lambda: _commit_draft(store, draft))
         return plan
@@ -110,23 +203,24 @@ def plan_checkpoint(store: Store, run: Run) -> Plan:
         plan.add(f"remove network lock {draft.netlock}",
                  lambda: netlock.release(draft.netlock, lambda: trust.netns_path(store.root,
                                                                                  draft)))
-    if not store.committed(run.id):
-        provider = _provider(run)
-        made = [provider.find(Path(e["volume"]), run.id, e["n"]) for e in run.events("snapshot")]
-        _unfinished_steps(plan, store, provider, [s for s in made if s is not None])
+    if not facts.committed(run.id):
+        kind = _kind(run)
+        made = [facts.snapshot_found(kind, Path(e.volume), run.id, e.n)
+                for e in run.events("snapshot")]
+        _unfinished_steps(plan, store, facts, [s for s in made if s is not None])
     return plan
 
 
-def _provider(run: Run) -> snapshot.Provider:
-    return snapshot.get(run.begin.get("snapshot", "btrfs"))
+def _kind(run: Run) -> str:
+    return run.begin.snapshot
 
 
-def _unfinished_steps(plan: Plan, store: Store, provider: snapshot.Provider,
-                      snapshots: list[str]) -> None:
+def _unfinished_steps(plan: Plan, store: Store, facts: Facts, snapshots: list[str]) -> None:
     """Remove an uncommitted checkpoint: the snapshots its run made, then its directory."""
-    for s in snapshots:
-        plan.add(f"delete half-made snapshot {s}", lambda s=s: provider.delete(s))
-    if store.exists(plan.run.id):
+    kind = _kind(plan.run)
+    for s in snapshots:  # steps ask for the provider when they run: planning needs none
+        plan.add(f"delete half-made snapshot {s}", lambda s=s: facts.provider(kind).delete(s))
+    if facts.has_dir(plan.run.id):
         plan.add(f"remove unfinished checkpoint directory {store.dir(plan.run.id)}",
                  lambda: store.remove(plan.run.id))
 
@@ -135,7 +229,7 @@ def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
     """The PID of the tree CRIU restored, if it did: journaled, or in CRIU's pidfile (written
     once the tree runs) and then only if that PID is in the checkpoint's cgroup."""
     for e in run.events("restored"):
-        return e["pid"]
+        return e.pid
     pidfile = store.dir(run.id) / "restore.pid"
     try:
         pid = int(pidfile.read_text().strip())
@@ -147,33 +241,30 @@ def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
         return None
 
 
-def plan_beside(store: Store, run: Run) -> Plan:
+def plan_beside(store: Store, run: Run, facts: Facts) -> Plan:
     """A restore --beside: finish the copy if CRIU restored it, else remove what it made
     (clones and cgroup, each named after the copy)."""
     plan = Plan(run)
-    name = run.begin["beside"]
+    name = run.begin.beside
     if not is_copy(name):
         raise FscrError(f"journal {run.path.name} names copy {name!r}, not one of fscr's")
-    clones = {e["volume"]: Path(e["path"]) for e in run.events("clone")
-              if Path(e["path"]).parent.name == name}
+    clones = {e.volume: Path(e.path) for e in run.events("clone")
+              if Path(e.path).parent.name == name}
     cgroup = f"/{copy_cgroup(name)}"
-    try:
-        m = store.load(run.id)
-    except FscrError:
-        m = None
-    root = _restored_root(store, run, cgroup) if m is not None else None
+    m = facts.manifest(run.id)
+    root = facts.restored_root(run, cgroup) if m is not None else None
     if root is not None and m is not None:
         plan.add(f"finish copy {name} (PID {root}): unlink relinks in its clones, record it",
                  lambda: pipeline.finish_beside(store, m, name, clones))
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
-    provider = _provider(run)
     for c in clones.values():
-        if provider.exists(str(c)) or c.parent.exists():
-            plan.add(f"remove the unused clone {c}", lambda c=c: provider.delete(str(c)))
-    cg = freezer.at(cgroup)
-    if cg.exists():
+        if facts.snapshot_left(_kind(run), str(c)):
+            plan.add(f"remove the unused clone {c}",
+                     lambda c=c: facts.provider(_kind(run)).delete(str(c)))
+    cg = facts.cgroup(cgroup)
+    if facts.cgroup_exists(cg):
         plan.add(f"remove cgroup {cgroup}", cg.remove)
     return plan
 
@@ -182,7 +273,7 @@ def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
     """The cgroup the dead restore put the tree in, as it journaled it (fscr 0.1 journaled
     none: the manifest's, then)."""
     try:
-        return origins.CgroupOf.model_validate(run.begin["cgroup"], strict=True)
+        return origins.CgroupOf.model_validate(run.begin.cgroup, strict=True)
     except (KeyError, ValueError):
         if m is None:
             return None
@@ -190,62 +281,59 @@ def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
                                 original=m.cgroup.original)
 
 
-def plan_restore(store: Store, run: Run) -> Plan:
-    if run.begin.get("beside"):
-        return plan_beside(store, run)
+def plan_restore(store: Store, run: Run, facts: Facts) -> Plan:
+    if run.begin.beside:
+        return plan_beside(store, run, facts)
     plan = Plan(run)
-    try:
-        m = store.load(run.id)
-    except FscrError:
-        m = None  # deleted since: only the swaps can be undone
-    provider = _provider(run)
+    m = facts.manifest(run.id)  # None: deleted since, only the swaps can be undone
+    kind = _kind(run)
     swaps = run.events("swap")
     cgroup = _restored_cgroup(run, m)
-    root = _restored_root(store, run, cgroup.path) if m and cgroup else None
-    if root is not None and m is not None and _pages_corrupt(store, run, m):
+    root = facts.restored_root(run, cgroup.path) if m and cgroup else None
+    if root is not None and m is not None and facts.pages_corrupt(run, m):
         # A lazy restore died before it had verified the pages its tree runs on: a corrupt
         # image means the tree's memory is not the checkpoint's. Kill it; undo as below.
         plan.add(f"kill the restored tree of PID {root}: its page images are corrupt",
                  lambda r=root: lazy.kill_tree(r))
         root = None
     if root is None:  # no tree runs on them: the daemon serves nobody
-        for d in _lazy_daemons(run):
+        for d in _lazy_daemons(run, facts):
             plan.add(f"stop CRIU's lazy-pages daemon (PID {d.pid})", lambda d=d: lazy.stop(d))
     if root is not None and m is not None and cgroup is not None:
-        rescues = [e["rescue"] for e in swaps]
-        name = swaps[0]["name"] if swaps else ""
+        rescues = [e.rescue for e in swaps]
+        name = swaps[0].name if swaps else ""
         plan.add(f"finish the restore of PID {root}: unlink relinks, seal and list rescue "
-                 "snapshots",
-                 lambda: finish_restore(store, m, provider, root, name, rescues, cgroup))
+                 "snapshots", lambda: finish_restore(store, m, facts.provider(kind), root, name,
+                                                     rescues, cgroup))
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
-    killed = [Task(p, s) for e in run.events("kill") for p, s in e["tasks"]]
-    if killed and m is not None and not any(t.alive() for t in killed):
+    killed = [Task(p, s) for e in run.events("kill") for p, s in e.tasks]
+    if killed and m is not None and not any(facts.alive(t) for t in killed):
         # --replace had killed the old tree: undoing the swaps alone would leave the workload
         # down, so gc finishes what the user asked for, from a clean state.
         plan.then.append((f"restore checkpoint {run.id} again (its old tree was killed by "
                           "--replace before fscr died)",
                           lambda: pipeline.restore(
                               run.id, str(store.root), replace=True, force=True,
-                              volumes_only=run.begin.get("volumes_only", False),
-                              rollback=run.begin.get("rollback", False))))
-    copies = {e["volume"]: e["copy"] for e in run.events("copy")}
+                              volumes_only=run.begin.volumes_only,
+                              rollback=run.begin.rollback)))
+    copies = {e.volume: e.made for e in run.events("copy")}
     for e in reversed(swaps):
-        vol, rescue, copy = Path(e["volume"]), e["rescue"], copies.get(e["volume"])
-        if copy is not None and provider.swapped(vol, copy):
+        vol, rescue, copy = Path(e.volume), e.rescue, copies.get(e.volume)
+        if copy is not None and facts.swapped(kind, vol, copy):
             what = f"put {vol} back as it was before the restore"
-        elif copy is not None or provider.leftover(vol, rescue):
+        elif copy is not None or facts.leftover(kind, vol, rescue):
             what = f"remove the restore's unused copy of {vol}"
         else:
             continue
-        plan.add(what, lambda v=vol, r=rescue, c=copy: provider.undo(v, r, c))
-    _relink_steps(plan)
+        plan.add(what, lambda v=vol, r=rescue, c=copy: facts.provider(kind).undo(v, r, c))
+    _relink_steps(plan, facts)
     return plan
 
 
 def _pages_corrupt(store: Store, run: Run, m: Manifest) -> bool:
-    if not run.begin.get("lazy") or run.events("verified"):
+    if not run.begin.lazy or run.events("verified"):
         return False
     try:
         store.verify_images(m, which=lazy.is_page_image)
@@ -254,27 +342,35 @@ def _pages_corrupt(store: Store, run: Run, m: Manifest) -> bool:
     return False
 
 
-def plan_receive(store: Store, run: Run) -> Plan:
+def plan_receive(store: Store, run: Run, facts: Facts) -> Plan:
     plan = Plan(run)
-    if not store.committed(run.id):
-        provider = _provider(run)
-        made = [e["path"] for e in run.events("subvolume")]
-        _unfinished_steps(plan, store, provider, [p for p in made if provider.exists(p)
-                                                  or Path(p).parent.exists()])
+    if not facts.committed(run.id):
+        made = [e.path for e in run.events("subvolume")]
+        _unfinished_steps(plan, store, facts,
+                          [p for p in made if facts.snapshot_left(_kind(run), p)])
     return plan
 
 
-def plan(store: Store, run: Run) -> Plan:
+def plan(store: Store, run: Run, facts: Facts) -> Plan:
     planner = {"restore": plan_restore, "receive": plan_receive}.get(run.op, plan_checkpoint)
-    return planner(store, run)
+    return planner(store, run, facts)
+
+
+def describe(store: Store, run: Run, facts: Facts) -> list[str]:
+    """What gc would do for `run`, in order (`fscr gc --dry-run`)."""
+    grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
+    p = plan(store, run, facts)
+    return ([f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
+             for c in _criu(run, facts)] + [w for w, _ in p.steps]
+            + [f"remove journal {run.path.name}"] + [w for w, _ in p.then])
 
 
 def _lock_keys(run: Run) -> list[str]:
-    keys = [volume_lock(Path(v)) for v in run.begin.get("volumes", [])]
+    keys = [volume_lock(Path(v)) for v in run.begin.volumes]
     if run.op == "restore":
         keys.append(restore_lock(run.id))
     for e in run.events("isolate"):
-        keys.append(workload_lock(Task(e["root"], e["starttime"])))
+        keys.append(workload_lock(e.root, e.starttime))
     return keys
 
 
@@ -287,7 +383,8 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
     """
     report = []
     for run in unfinished(store.root):
-        entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin["pid"],
+        facts = Machine(store)  # fresh for each run: another run's steps changed the machine
+        entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin.pid,
                                  "done": not dry_run, "actions": [], "errors": []}
         report.append(entry)
         if run.damaged is not None:  # gc undoes only what a journal it can read names
@@ -298,25 +395,21 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
         forget = f"remove journal {run.path.name}"
         if dry_run:
             try:
-                p = plan(store, run)
-                entry["actions"] = [f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
-                                    for c in _criu(run)] + [w for w, _ in p.steps] + [forget]
+                entry["actions"] = describe(store, run, facts)
             except FscrError as e:  # one run's trouble does not stop gc for the others
                 entry["errors"].append(f"cannot plan: {e}")
                 continue
             except (KeyError, TypeError, ValueError) as e:  # an event lacks a key
                 entry["errors"].append(f"journal {run.path.name} is damaged ({e!r})")
-                continue
-            entry["actions"] += [w for w, _ in p.then]
             continue
         p = None
         try:
             with locks.hold(_lock_keys(run), wait=0):
-                for c in _criu(run):
+                for c in _criu(run, facts):
                     entry["actions"].append(f"waited for CRIU (PID {c.pid})")
                     settle(c, grace)
                 try:
-                    p = plan(store, run)
+                    p = plan(store, run, facts)
                 except FscrError as e:  # the journal stays for the next gc
                     entry["errors"].append(f"cannot plan: {e}")
                     continue

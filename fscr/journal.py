@@ -22,6 +22,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,9 +56,9 @@ class Payload(BaseModel):
 
 
 class Begin(Payload):
-    """The first line of a journal: whose run it is. Read back by gc and by every command
-    (notice_unfinished), so validated: a damaged one is reported, never a Python error. The
-    run adds what tells gc where to look (volumes, snapshot kind, restore's options)."""
+    """The first line of a journal: whose run it is, and what tells gc where to look. Read
+    back by gc and by every command (notice_unfinished), so validated: a damaged one is
+    reported, never a Python error. Extra keys are let through (a journal of fscr 0.1)."""
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
     v: Literal[1] = 1
@@ -65,6 +66,13 @@ class Begin(Payload):
     id: Annotated[str, Field(pattern=rf"^{ID_PATTERN}$")]
     pid: Pid
     starttime: Pid
+    volumes: list[Path_] = []
+    snapshot: str = "btrfs"  # the provider's name
+    beside: str | None = None  # restore --beside: the copy's name
+    cgroup: dict[str, Any] | None = None  # restore: the tree's (origins.CgroupOf; 0.1: none)
+    lazy: bool = False
+    volumes_only: bool = False
+    rollback: bool = False
 
 
 class Nothing(Payload):
@@ -240,7 +248,8 @@ EVENTS: dict[str, Event] = {e.name: e for e in [
           "page images not yet verified are verified by gc: if corrupt, the tree is killed "
           "and the swaps undone"),
     Event("subvolume", Subvolume, {"receive": None},
-          "`btrfs receive` about to make the snapshot at `path`", "removed"),
+          "the provider's receive about to make the snapshot `path` (btrfs: `btrfs receive`)",
+          "removed"),
 ]}
 
 
@@ -268,7 +277,7 @@ def invalid(entry: object) -> str | None:
     if event is None:
         return f"unknown event {name!r}"
     try:
-        event.payload.model_validate({k: v for k, v in entry.items() if k != "event"})
+        event.payload.model_validate(_payload(entry))
     except ValidationError as e:
         err = e.errors()[0]
         return f"{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}"
@@ -305,8 +314,8 @@ class Journal:
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get(KILL_CRIU_AT_ENV) == event:
             criu = Run(self.path, read(self.path)).events("criu")
-            if criu and Task(criu[-1]["pid"], criu[-1]["starttime"]).alive():
-                os.kill(criu[-1]["pid"], signal.SIGKILL)
+            if criu and Task(criu[-1].pid, criu[-1].starttime).alive():
+                os.kill(criu[-1].pid, signal.SIGKILL)
         pause_event, _, seconds = os.environ.get(PAUSE_AT_ENV, "").partition(":")
         if pause_event == event:
             time.sleep(float(seconds))
@@ -341,23 +350,30 @@ class Run:
     entries: list[dict[str, Any]]
     damaged: str | None = None
 
-    @property
-    def begin(self) -> dict[str, Any]:
-        return self.entries[0]
+    @cached_property
+    def begin(self) -> Begin:
+        return Begin.model_validate(_payload(self.entries[0]))
 
     @property
     def id(self) -> str:
-        return self.begin["id"]
+        return self.begin.id
 
     @property
     def op(self) -> str:
-        return self.begin["op"]
+        return self.begin.op
 
     def owner_alive(self) -> bool:
-        return self.damaged is None and Task(self.begin["pid"], self.begin["starttime"]).alive()
+        return self.damaged is None and Task(self.begin.pid, self.begin.starttime).alive()
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e.get("event") == name]
+    def events(self, name: str) -> list[Any]:
+        """The payloads of the run's `name` events, in order, as EVENTS defines them."""
+        payload = EVENTS[name].payload
+        return [payload.model_validate(_payload(e)) for e in self.entries
+                if e.get("event") == name]
+
+
+def _payload(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "event"}
 
 
 _NAME = re.compile(rf"({ID_PATTERN})\.([a-z_-]{{1,32}})\.([0-9]{{1,10}})\.jsonl")

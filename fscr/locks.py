@@ -35,6 +35,29 @@ def _default_wait() -> float:
     return wait
 
 
+# ---------------------------------------------------------------------------- the lock keys
+# Every lock's name is built here, so two commands that must exclude each other (a restore
+# and gc, a checkpoint and delete) build the same key for the same thing.
+
+def volume_lock(path: Path) -> str:
+    return f"volume {os.path.realpath(path)}"
+
+
+def restore_lock(ckpt_id: str) -> str:
+    """Held by every restore of a checkpoint: they share its pidfile and its restore log."""
+    return f"restore of checkpoint {ckpt_id}"
+
+
+def workload_lock(pid: int, starttime: int) -> str:
+    """The workload rooted at this task (PID and start time: a reused PID is another one)."""
+    return f"workload PID {pid} (start {starttime})"
+
+
+def backup_job_lock(job: str) -> str:
+    """Held by a backup run of job `job` and by a move of its workload: they never overlap."""
+    return f"backup job {job}"
+
+
 def _path(key: str) -> Path:
     return LOCK_DIR / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from . import locks, pipeline, replicate
+from . import errors, locks, pipeline, replicate
 from .backup import Job, _target
 from .errors import BadInput, Busy, FscrError
 from .replicate import SshDestination
@@ -49,7 +49,7 @@ def move(job: Job, host: str) -> MoveReport:
     r = MoveReport(job.name, host)
     try:
         d = destination(job, host)
-        with locks.hold([f"backup job {job.name}"], wait=0):
+        with locks.hold([locks.backup_job_lock(job.name)], wait=0):
             _move(job, d, r)
     except Busy:
         r.error, r.exit_code = f"a backup of job {job.name} is running", Busy.exit_code
@@ -73,6 +73,22 @@ def _send(job: Job, d: SshDestination, ckpt_id: str, r: MoveReport) -> None:
         raise FscrError(f"destination {d.label}: {sent.error}")
 
 
+# Far restore failures after which no restored tree runs there: restoring here is safe.
+_NOTHING_RUNS_THERE = frozenset(c.exit_code for c in (
+    errors.NotRoot, errors.NoSuchCheckpoint, errors.CriuFailed, errors.BadManifest,
+    errors.TreeStillRunning, errors.MissingDependency, errors.RestoreRolledBack, errors.Busy,
+    errors.Refused, errors.BadInput, errors.PagesCorrupt)) | {2}  # 2: usage
+
+
+def _here(job: Job, ckpt_id: str) -> None:
+    """Restore the workload here again; if that fails too, say it runs nowhere."""
+    try:
+        pipeline.restore(ckpt_id, job.store)
+    except FscrError as e:
+        raise FscrError(f"{e}; restoring here failed too: the workload runs nowhere, "
+                        f"checkpoint {ckpt_id} holds it") from None
+
+
 def _move(job: Job, d: SshDestination, r: MoveReport) -> None:
     _send(job, d, _checkpoint(job, kill=False), r)
     r.id = _checkpoint(job, kill=True)
@@ -80,22 +96,28 @@ def _move(job: Job, d: SshDestination, r: MoveReport) -> None:
     try:
         _send(job, d, r.id, r)
         replicate.ssh_fscr(d, "doctor", "--for", r.id, "--json")
-        p = subprocess.run(replicate.ssh_argv(d, "restore", r.id, "--json"),
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     except FscrError as e:
-        pipeline.restore(r.id, job.store)  # nothing runs there: run here again
+        _here(job, r.id)  # nothing runs there: run here again
         e.args = (f"{e}; the workload runs here again",)
         raise
     except BaseException:
-        pipeline.restore(r.id, job.store)
+        _here(job, r.id)
         raise
-    if p.returncode == 255:  # ssh's own failure: whether it restored there is not known
+    try:
+        p = subprocess.run(replicate.ssh_argv(d, "restore", r.id, "--json"),
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except BaseException:  # ^C: ssh is gone, the far restore may go on without it
         r.status = "unknown"
-        raise FscrError(f"ssh to {d.host} failed during the restore there "
-                        f"({replicate.last_line(p.stderr)}): check `fscr list` there before "
-                        f"restoring {r.id} here")
+        raise FscrError(f"interrupted during the restore on {d.host}: check `fscr list` "
+                        f"there before restoring {r.id} here") from None
+    if p.returncode != 0 and p.returncode not in _NOTHING_RUNS_THERE:
+        # ssh's own failure (255), or one the far restore may have had after its tree ran
+        r.status = "unknown"
+        raise FscrError(f"the restore on {d.host} ended with status {p.returncode} "
+                        f"({replicate.last_line(p.stderr)}): whether it runs there is not "
+                        f"known; check `fscr list` there before restoring {r.id} here")
     if p.returncode != 0:
-        pipeline.restore(r.id, job.store)
+        _here(job, r.id)
         raise FscrError(f"restore on {d.host} failed: {replicate.last_line(p.stderr)}; "
                         "the workload runs here again")
     r.pid = json.loads(p.stdout).get("pid")

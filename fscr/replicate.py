@@ -228,7 +228,7 @@ def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
         out = ssh_fscr(d, "prune", "--job", job, *_policy_args(d.retention), "--json")
         try:
             r.removed = json.loads(out)["remove"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise FscrError(f"fscr prune on {d.host} did not answer in JSON") from None
 
 

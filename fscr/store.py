@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError
 
 from . import origins
-from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, NotRoot
+from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, require_root
 from .fsutil import private_dir, sha256_files, write_atomic
 from .manifest import AbsPath, ImageFile, Manifest, Record, digest
 from .names import RESCUE_PATTERN, check_id, is_rescue
@@ -56,8 +56,7 @@ class Store:
         """The store at `root` (or $FSCR_STORE, or the default), made if missing. `write`:
         the caller will write to it; a read-only one (a backup disk) is then refused in one
         line, while list, show and send read it."""
-        if os.geteuid() != 0:
-            raise NotRoot("fscr must run as root (its store is root-only)")
+        require_root()
         given = str(root or os.environ.get("FSCR_STORE") or DEFAULT)
         if "\0" in given:
             raise BadStore(f"{given!r} holds a NUL byte")

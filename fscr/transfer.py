@@ -11,7 +11,11 @@ per snapshot (a btrfs send stream, incremental when the record names a "parent" 
 A payload is a sequence of chunks, each an 8-byte big-endian length and that many bytes, and
 ends with a zero length, so streams of unknown size (btrfs send) need no buffering.
 
-receive writes as it reads (the snapshots through `btrfs receive`, the images into the store)
+This module frames the stream (records, chunks, checksums) and journals what receive makes; the
+snapshot provider fills and empties the volume records (Btrfs.send, Btrfs.receive run btrfs
+send and receive), and says whether its snapshots travel at all (`sends`: LVM's do not).
+
+receive writes as it reads (the snapshots through the provider, the images into the store)
 but lists nothing until the end record's checksum, the manifest's validation and every image's
 checksum passed; on any failure it removes what it received. A journal covers it, so `fscr gc`
 removes what a killed receive left.
@@ -24,7 +28,6 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import snapshot
 from .errors import BadManifest, BadStream, FscrError, MissingParent, NoSpace, Refused
-from .fsutil import private_dir
 from .journal import Journal
 from .manifest import Manifest
-from .names import ID_PATTERN, check_id, snapshot_path
-from .pipeline.common import Progress, quiet, require_root
+from .names import ID_PATTERN, check_id
+from .pipeline.common import Progress, quiet
 from .progress import Meter, meter
 from .store import Store
 
@@ -58,16 +60,22 @@ class _Out:
         self.bytes += len(data)
         self.shown.advance(len(data))
 
-    def record(self, header: dict, chunks: Callable[[], bytes | None]) -> None:
+    def record(self, header: dict, fill: Callable[[Callable[[bytes], None]], None]) -> None:
+        """A header line, then the payload `fill` passes to its argument, chunk by chunk."""
         self.write(json.dumps(header, sort_keys=True).encode() + b"\n")
-        while (data := chunks()) is not None:
-            if data:
-                self.write(len(data).to_bytes(8, "big") + data)
+        fill(self.chunk)
         self.write((0).to_bytes(8, "big"))
 
+    def chunk(self, data: bytes) -> None:
+        if data:
+            self.write(len(data).to_bytes(8, "big") + data)
 
-def _reader(f: BinaryIO) -> Callable[[], bytes | None]:
-    return lambda: f.read(CHUNK) or None
+
+def _copy(f: BinaryIO) -> Callable[[Callable[[bytes], None]], None]:
+    def fill(write: Callable[[bytes], None]) -> None:
+        while data := f.read(CHUNK):
+            write(data)
+    return fill
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,10 @@ class Sent:
 def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
          store_dir: str | None = None, progress: Progress = quiet) -> Sent:
     """Write checkpoint `ckpt_id` as a stream to `out` (incremental against `parent`)."""
-    require_root()
     store = Store.open(store_dir, write=False)
     m = store.load(check_id(ckpt_id))
-    if m.snapshot == "lvm":
+    provider = snapshot.get(m.snapshot)
+    if not provider.sends:  # LVM, the one provider whose snapshots do not travel
         raise Refused(f"checkpoint {m.id} holds LVM snapshots: send carries btrfs snapshots "
                       "only (docs/lvm.md says how to move a logical volume)")
     with meter(progress, "checksum", m.image_bytes) as shown:
@@ -97,32 +105,17 @@ def send(ckpt_id: str, out: BinaryIO, parent: str | None = None,
     s = _Out(out, sent)
     s.write(MAGIC)
     raw = (store.dir(m.id) / "manifest.json").read_bytes()
-    chunks = iter([raw])
-    s.record({"type": "manifest"}, lambda: next(chunks, None))
+    s.record({"type": "manifest"}, lambda write: write(raw))
     for img in m.images:
         with open(store.images(m.id) / img.name, "rb") as f:
-            s.record({"type": "image", "name": img.name}, _reader(f))
+            s.record({"type": "image", "name": img.name}, _copy(f))
     for v in m.volumes:
         if v.snapshot is None:
             continue
         progress(f"volume {v.path}")
-        argv = ["btrfs", "send", "-q"]
-        if base is not None:
-            argv += ["-p", str(base.volumes[v.n].snapshot)]
-        proc = subprocess.Popen([*argv, v.snapshot], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        try:
-            s.record({"type": "volume", "n": v.n, "parent": parent}, _reader(proc.stdout))
-        except BaseException:
-            proc.kill()  # our reader went away: btrfs send's failure is not the news
-            proc.wait()
-            raise
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-        if proc.wait() != 0:
-            raise FscrError(f"btrfs send of {v.snapshot} failed: {err}")
+        against = base.volumes[v.n].snapshot if base is not None else None
+        s.record({"type": "volume", "n": v.n, "parent": parent},
+                 lambda write, v=v, against=against: provider.send(v.snapshot, against, write))
     digest = s.h.hexdigest()
     s.write(json.dumps({"type": "end", "sha256": digest}).encode() + b"\n")
     out.flush()
@@ -214,7 +207,6 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
             progress: Progress = quiet) -> Received:
     """Read a stream into this machine: snapshots beside the volumes' original paths, images
     and manifest into the store. On failure, whatever arrived is removed."""
-    require_root()
     store = Store.open(store_dir)
     received = meter(progress, "received", _size_of(inp))
     s = _In(inp, received)
@@ -229,15 +221,15 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
     except BadManifest as e:
         raise BadStream(f"the stream is corrupt: {e}") from None
     store.check_free(m.id)
-    if m.snapshot == "lvm":  # fscr send never writes one: the stream was made by hand
-        raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
     provider = snapshot.get(m.snapshot)
+    if not provider.sends:  # fscr send never writes one: the stream was made by hand
+        raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
     journal = Journal.begin(store.root, m.id, "receive", volumes=[v.path for v in m.volumes],
                             snapshot=m.snapshot)
-    made: list[Path] = []
+    made: list[str] = []
     try:
         store.reserve(m.id)
-        _receive_rest(s, store, m, journal, made, progress)
+        _receive_rest(s, store, m, provider, journal, made, progress)
         received.finish()
         try:
             with meter(progress, "checksum", sum(i.size for i in m.images)) as shown:
@@ -248,7 +240,7 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
         store.commit(m)
     except BaseException:
         for p in made:
-            provider.delete(str(p))
+            provider.delete(p)
         store.remove(m.id)
         journal.close()
         raise
@@ -256,8 +248,8 @@ def receive(inp: BinaryIO, store_dir: str | None = None,
     return Received(m.id, [v.path for v in m.volumes], len(raw))
 
 
-def _receive_rest(s: _In, store: Store, m: Manifest, journal: Journal, made: list[Path],
-                  progress: Progress) -> None:
+def _receive_rest(s: _In, store: Store, m: Manifest, provider: snapshot.Provider,
+                  journal: Journal, made: list[str], progress: Progress) -> None:
     listed = {i.name: i.size for i in m.images}
     while True:
         before = s.h.hexdigest()  # the end record checks everything before its own line
@@ -265,7 +257,7 @@ def _receive_rest(s: _In, store: Store, m: Manifest, journal: Journal, made: lis
         if isinstance(h, ImageHeader):
             _receive_image(s, store, m, h.name, listed, progress)
         elif isinstance(h, VolumeHeader):
-            _receive_volume(s, store, m, h, journal, made, progress)
+            _receive_volume(s, store, m, provider, h, journal, made, progress)
         elif isinstance(h, EndHeader):
             if h.sha256 != before:
                 raise BadStream("the stream is corrupt: its sha256 does not match")
@@ -298,64 +290,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _receive_volume(s: _In, store: Store, m: Manifest, h: VolumeHeader, journal: Journal,
-                    made: list[Path], progress: Progress) -> None:
+def _receive_volume(s: _In, store: Store, m: Manifest, provider: snapshot.Provider,
+                    h: VolumeHeader, journal: Journal, made: list[str],
+                    progress: Progress) -> None:
     n = h.n
     if not n < len(m.volumes):
         raise BadStream("the stream is corrupt (a volume record names no volume)")
     v = m.volumes[n]
-    dest = snapshot_path(Path(v.path), m.id, n)
+    volume = Path(v.path)
     parent = h.parent
     if parent is not None:
-        base = snapshot_path(Path(v.path), parent, n)
-        if not store.committed(parent) or not base.exists():
+        base = provider.find(volume, parent, n)
+        if not store.committed(parent) or base is None or not provider.exists(base):
             raise MissingParent(f"the stream is incremental against checkpoint {parent}, "
                                 "which this machine has not received: receive it first")
-    _btrfs_parent(Path(v.path))
-    if dest.exists():
-        raise BadStream(f"{dest} already exists here")
-    private_dir(dest.parent.parent, Refused)  # .fscr-snapshots: root's own, never a symlink
-    private_dir(dest.parent, Refused)
-    progress(f"volume {v.path}")
-    journal.note("subvolume", path=str(dest))
-    made.append(dest)
-    proc = subprocess.Popen(["btrfs", "receive", "-q", str(dest.parent)],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    died = False
-    try:
-        s.payload(proc.stdin.write)
-    except BrokenPipeError:
-        died = True  # btrfs receive gave up mid-stream: its stderr says why
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        err = proc.stderr.read().decode(errors="replace").strip()
-        proc.stderr.close()
-        code = proc.wait()
-    if code != 0 or died:
-        raise BadStream(f"btrfs receive of volume {v.path} failed: "
-                        f"{err or 'it stopped reading the stream'}")
-    if not dest.exists():
-        raise BadStream(f"the stream's snapshot of {v.path} is not named {dest.name}")
 
+    def journaled(name: str) -> None:  # before the provider writes a byte there
+        progress(f"volume {v.path}")
+        journal.note("subvolume", path=name)
+        made.append(name)
 
-def _btrfs_parent(volume: Path) -> None:
-    """The volume's parent must be a directory on btrfs: snapshots are received beside it."""
-    parent = volume.parent
-    if not parent.is_dir():
-        raise BadStream(f"{parent} does not exist here: mount the btrfs filesystem that will "
-                        f"hold {volume} first")
-    out = subprocess.run(["stat", "-f", "-c", "%T", str(parent)], capture_output=True,
-                         text=True)
-    if out.stdout.strip() != "btrfs":
-        raise BadStream(f"{parent} is not on a btrfs filesystem ({out.stdout.strip()}): "
-                        f"cannot receive the snapshot of {volume}")
+    provider.receive(volume, m.id, n, s.payload, journaled)
 
 
 def _size_of(f: BinaryIO) -> int | None:

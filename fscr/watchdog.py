@@ -34,6 +34,7 @@ class Watchdog:
     """fscr's handle on its watchdog process."""
 
     proc: subprocess.Popen[bytes]
+    why: str | None = None  # once read from the watchdog: its one line is read once
 
     @classmethod
     def start(cls, cg: Cgroup, journal: Path, max_freeze: float) -> Watchdog:
@@ -60,11 +61,12 @@ class Watchdog:
 
     def fired(self) -> str | None:
         """Why the watchdog thawed the tree, or None while it has not."""
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        if select.select([fd], [], [], 0)[0]:
-            line = os.read(fd, 4096).decode().strip()
-            return line.removeprefix("fired: ") or "the watchdog ended"
-        return None
+        if self.why is None:
+            fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+            if select.select([fd], [], [], 0)[0]:
+                line = os.read(fd, 4096).decode().strip()
+                self.why = line.removeprefix("fired: ") or "the watchdog ended"
+        return self.why
 
     def stop(self) -> str | None:
         """End the watchdog; returns why it fired, if it did."""
@@ -84,11 +86,14 @@ class Watchdog:
 
 def _criu_of(journal: Path) -> Task | None:
     started = Run(journal, read(journal)).events("criu")
-    return Task(started[-1]["pid"], started[-1]["starttime"]) if started else None
+    return Task(started[-1].pid, started[-1].starttime) if started else None
 
 
 def main(kind: str, path: str, journal: str, max_freeze: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to fscr's group is not for us
+    # Not for us: a ^C to fscr's group, a SIGTERM or SIGHUP to the whole cgroup (systemctl
+    # stop of a backup service): the watchdog ends when fscr's pipe closes, having thawed.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     deadline = time.monotonic() + float(max_freeze)
     cg, jpath = Cgroup(kind, Path(path)), Path(journal)
     os.write(1, b"ready\n")  # fscr freezes only now

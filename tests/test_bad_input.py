@@ -522,6 +522,40 @@ def test_a_full_disk_while_receiving_images_is_no_space(sent, tmp_path):
         sh("umount", str(small))
 
 
+def test_receive_beside_a_volume_whose_parent_is_not_btrfs_is_refused(sent, tmp_path):
+    # The btrfs provider asks libbtrfsutil: a tmpfs stacked on the volume's parent hides the
+    # btrfs filesystem there, as a destination machine that has not mounted it would.
+    records, vol, ckpt = sent
+    sh("mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(vol.parent))
+    try:
+        one_line(receive_bytes(tmp_path / "there", build_stream(records)), 18,
+                 f"{vol.parent} is not on a btrfs filesystem (tmpfs)")
+        assert os.listdir(vol.parent) == []
+    finally:
+        sh("umount", str(vol.parent))
+    nothing_received(tmp_path / "there", vol, ckpt)
+
+
+def test_an_lvm_checkpoint_does_not_travel_in_a_stream(made, store, tmp_path):
+    # No device-mapper on this kernel: a btrfs checkpoint's manifest re-signed as an LVM one
+    # (send and receive refuse on the manifest, before any snapshot is touched).
+    pid, vol, m, d = made
+    raw = subprocess.run([str(FSCR), "send", m["id"]], capture_output=True, check=True,
+                         env=os.environ | {"FSCR_STORE": str(store)}).stdout
+    doc = json.loads((d / "manifest.json").read_bytes())
+    doc["snapshot"] = "lvm"
+    doc["volumes"][0]["snapshot"] = f"/dev/vg0/fscr_{m['id']}_0"
+    _resign(d, doc)
+    one_line(fscr("send", m["id"], store=store, check=False), 15,
+             "holds LVM snapshots: send carries btrfs snapshots only")
+    records = parse_stream(raw)
+    records[0] = (records[0][0], (d / "manifest.json").read_bytes())
+    there = tmp_path / "there"
+    one_line(receive_bytes(there, build_stream(records)), 18,
+             "names LVM snapshots, which streams never carry")
+    assert os.listdir(there / "checkpoints") == [] and os.listdir(there / "journal") == []
+
+
 def test_send_into_a_pipe_closed_early_exits_quietly(made, store):
     pid, vol, m, d = made
     out = subprocess.run(["/bin/bash", "-c", f"set -o pipefail; {FSCR} send {m['id']} | "

@@ -293,7 +293,7 @@ def _open_by(pid: int) -> list[str]:
 
 def test_a_held_lock_makes_a_second_run_fail_clearly_or_wait(btrfs_volume, workloads, store):
     from fscr import locks
-    from fscr.pipeline import volume_lock
+    from fscr.locks import volume_lock
 
     vol = btrfs_volume.path
     pid, _ = workloads.start("counter", str(vol))

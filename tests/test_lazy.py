@@ -11,7 +11,7 @@ import pytest
 from conftest import alive, ask, fscr, said, wait_for
 from test_pipeline import checkpoint, grows, lines, restore
 
-from fscr import lazy
+from fscr import journal, lazy
 from fscr.process import freezer
 
 pytestmark = pytest.mark.skipif(not lazy.available()[0],
@@ -50,9 +50,9 @@ def test_lazy_restore_brings_back_every_page_of_memory(btrfs_volume, workloads, 
     assert not (store / "checkpoints" / m["id"] / lazy.SOCKET).exists()
 
 
-def test_a_corrupt_page_image_kills_the_lazily_restored_tree_and_puts_the_volumes_back(
-        btrfs_volume, workloads, store):
-    vol = btrfs_volume.path
+def killed_with_a_corrupt_page_image(vol: Path, workloads, store: Path):  # noqa: ANN001, ANN201
+    """A memory workload checkpointed with --kill, a file written on its volume after, and
+    4 KiB of its page image overwritten (same size: only the checksum can tell)."""
     pid, _ = workloads.start("memory", str(vol), "16")
     grows(vol / "history", 3)
     cg = freezer.cgroup_of(pid)
@@ -60,9 +60,16 @@ def test_a_corrupt_page_image_kills_the_lazily_restored_tree_and_puts_the_volume
     wait_for(lambda: not alive(pid), 10, "the tree to be killed")
     (vol / "written-after").write_text("the volume as it was before the restore")
     pages = next((store / "checkpoints" / m["id"] / "images").glob("pages-*.img"))
-    with open(pages, "r+b") as f:  # same size: only the checksum can tell
+    with open(pages, "r+b") as f:
         f.seek(pages.stat().st_size // 2)
         f.write(b"\xff" * 4096)
+    return cg, m
+
+
+def test_a_corrupt_page_image_kills_the_lazily_restored_tree_and_puts_the_volumes_back(
+        btrfs_volume, workloads, store):
+    vol = btrfs_volume.path
+    cg, m = killed_with_a_corrupt_page_image(vol, workloads, store)
     out = fscr("restore", m["id"], "--lazy", store=store, check=False)
     assert out.returncode == 22, out.stderr
     [line] = said(out.stderr)  # one line, beside the progress lines
@@ -86,7 +93,13 @@ def gc_clean(store: Path) -> None:
     wait_for(lambda: daemons_of(store) == [], 30, "the lazy-pages daemon to be gone")
 
 
-@pytest.mark.parametrize("event", ["lazy", "restored", "verified"])
+# From the journal's definitions: what only a lazy restore writes (lazy, verified), and the
+# restored between them.
+LAZY_EVENTS = [e for e in journal.written_by("restore", journal.LAZY_OPT)
+               if journal.EVENTS[e].runs["restore"] == journal.LAZY_OPT or e == "restored"]
+
+
+@pytest.mark.parametrize("event", LAZY_EVENTS)
 def test_a_lazy_restore_killed_at_each_stage_is_finished_or_undone_by_gc(
         event, btrfs_volume, workloads, store):
     vol = btrfs_volume.path
@@ -111,16 +124,7 @@ def test_a_lazy_restore_killed_at_each_stage_is_finished_or_undone_by_gc(
 def test_gc_kills_a_lazily_restored_tree_whose_pages_were_never_verified_and_are_corrupt(
         btrfs_volume, workloads, store):
     vol = btrfs_volume.path
-    pid, _ = workloads.start("memory", str(vol), "16")
-    grows(vol / "history", 3)
-    cg = freezer.cgroup_of(pid)
-    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
-    wait_for(lambda: not alive(pid), 10, "the tree to be killed")
-    (vol / "written-after").write_text("newer")
-    pages = next((store / "checkpoints" / m["id"] / "images").glob("pages-*.img"))
-    with open(pages, "r+b") as f:
-        f.seek(pages.stat().st_size // 2)
-        f.write(b"\xff" * 4096)
+    cg, m = killed_with_a_corrupt_page_image(vol, workloads, store)
     out = fscr("restore", m["id"], "--lazy", store=store, check=False,
                env={"FSCR_TEST_KILL_AT": "restored"})
     assert out.returncode == -9, out.stderr

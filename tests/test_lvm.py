@@ -130,6 +130,21 @@ def test_only_lvs_fscr_named_can_be_touched():
     assert not is_lvm_snapshot("/dev/-x/fscr_c1_0", "c1", 0)
 
 
+def test_delete_removes_only_what_a_rescue_record_names_as_the_providers_own():
+    """`fscr delete rescue_...` asks the record's provider about each path: an edited record
+    naming another LV (or another rescue's) is refused, not deleted."""
+    name = "rescue_c1_20261204T130000Z_ab12"
+    lvm, btrfs = get("lvm"), get("btrfs")
+    assert lvm.owns_rescue(name, f"/dev/data/fscr_{name}_0")
+    assert lvm.owns_rescue(name, f"/dev/other/fscr_{name}_12")
+    for path in (f"/dev/data/fscr_{name}_", f"/dev/data/fscr_{name}_0x", "/dev/data/home",
+                 f"/dev/data/fscr_{name[:-1]}f_0", f"/dev/data/fscr_{name}_0_1"):
+        assert not lvm.owns_rescue(name, path), path
+    assert btrfs.owns_rescue(name, f"/mnt/.fscr-snapshots/{name}/0")
+    assert not btrfs.owns_rescue(name, "/mnt/vol")
+    assert not get("none").owns_rescue(name, "/mnt/vol")
+
+
 def test_a_manifest_names_only_its_own_lvm_snapshots(btrfs_volume, workloads, store):
     vol = btrfs_volume.path
     pid, _ = workloads.start("counter", str(vol))

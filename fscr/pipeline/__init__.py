@@ -5,6 +5,7 @@ checkpoint (checkpoint.py): check -> lock -> isolate -> watchdog -> CRIU starts 
     check -> relink -> snapshot -> unrelink -> CRIU answered -> commit -> (kill) -> thaw
 restore (restore.py): lock -> validate -> make room -> swap volumes in -> reopen relinks
     -> CRIU restore -> finish (lineage, unlink relinks, seal rescue snapshots, cgroup)
+delete (delete.py): a checkpoint's snapshots and directory, a rescue, or a copy
 restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a mount
     namespace with the clones at the volumes' paths -> finish (unlink relinks, record copy)
 
@@ -13,9 +14,11 @@ What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) rea
 
 from typing import Any
 
+from ..errors import require_root
 from .checkpoint import CheckpointRequest, check, checkpoint
-from .common import Progress, quiet, require_root, restore_lock, volume_lock, workload_lock
-from .restore import RestoreResult, delete, finish_restore, restore
+from .common import Progress, quiet
+from .delete import delete
+from .restore import RestoreResult, finish_restore, restore
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +32,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",
            "finish_beside", "finish_restore", "quiet", "require_root", "restore",
-           "restore_beside", "restore_lock", "volume_lock", "workload_lock"]
+           "restore_beside"]

@@ -22,7 +22,7 @@ from ..names import check_id, copy_cgroup, copy_path
 from ..process import freezer
 from ..relink import remove_relinks
 from ..store import Store
-from .common import Progress, Timings, quiet, require_root, restore_lock, verify_in_background
+from .common import Progress, Timings, quiet, verify_in_background
 from .restore import RestoreResult, _Restore
 
 
@@ -32,7 +32,6 @@ def restore_beside(ckpt_id: str, store_dir: str | None = None,
 
     On failure the copy's clones and cgroup are removed; if fscr dies, gc removes them (or,
     if CRIU had restored the copy, finishes it)."""
-    require_root()
     store = Store.open(store_dir)
     m = store.load(check_id(ckpt_id))
     if m.backend != "criu":
@@ -45,7 +44,7 @@ def restore_beside(ckpt_id: str, store_dir: str | None = None,
     if not provider.clones:
         raise Refused(f"restore --beside runs the copy from clones of btrfs snapshots; this "
                       f"checkpoint's are {m.snapshot}")
-    with locks.hold([restore_lock(m.id)], progress):
+    with locks.hold([locks.restore_lock(m.id)], progress):
         if journal_mod.unfinished(store.root, m.id):
             raise Refused(f"an earlier run of checkpoint {m.id} died unfinished; run `fscr "
                           "gc` first")

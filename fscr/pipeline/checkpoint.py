@@ -15,7 +15,16 @@ from pydantic import ValidationError
 
 from .. import backends, failures, locks, origins, preflight, relink, snapshot
 from ..backends import DumpRequest
-from ..errors import BadVolume, CriuFailed, FreezeTimeout, Raced, Refused
+from ..backends.criu_log import dump_finished
+from ..errors import (
+    BadVolume,
+    CriuFailed,
+    FreezeTimeout,
+    FscrError,
+    Raced,
+    Refused,
+    require_root,
+)
 from ..fsutil import mount_table, syncfs
 from ..journal import Journal
 from ..manifest import (
@@ -48,9 +57,6 @@ from .common import (
     new_id,
     noting_pid,
     quiet,
-    require_root,
-    volume_lock,
-    workload_lock,
 )
 
 TCP_MODES = ("refuse", "established", "close")
@@ -96,7 +102,6 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
     and this run's snapshots and checkpoint directory are removed. If fscr itself dies, the
     watchdog thaws the tree and `fscr gc` removes the rest.
     """
-    require_root()
     store = Store.open(req.store)
     ckpt_id = check_id(req.id) if req.id is not None else new_id()  # "" is no id
     provider = snapshot.get(req.snapshot, size=req.lvm_size)
@@ -124,7 +129,8 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
         return run
 
     run = attempt(tree)
-    with locks.hold([volume_lock(v) for v in volumes] + [workload_lock(tree[0])], progress):
+    with locks.hold([locks.volume_lock(v) for v in volumes]
+                    + [locks.workload_lock(tree[0].pid, tree[0].starttime)], progress):
         try:
             return run.execute(named)
         except Raced:
@@ -137,7 +143,7 @@ def checkpoint(req: CheckpointRequest, progress: Progress = quiet) -> Manifest:
 def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
     """`fscr check`: the preflight alone. Returns the report and why a checkpoint with these
     options would be refused (None if it would pass). Freezes nothing."""
-    require_root()
+    require_root()  # before the options are checked: a user learns the one thing to change
     provider = snapshot.get(req.snapshot)
     volumes = _volumes(req)
     for vol in volumes:
@@ -179,6 +185,7 @@ class _Checkpoint:
     placement: netns.Placement
     snaps: list[str] = field(default_factory=list)
     committed: bool = False
+    relinks_left: bool = False  # a relink could not be removed: the journal stays for gc
     asked: frozenset[str] = frozenset()  # the needs CRIU was started with (preflight's)
     report: preflight.Report = field(init=False)  # the last preflight's (set before a dump)
     # Set by execute (the journal) and frozen_window (the rest) before any hook runs:
@@ -211,6 +218,14 @@ class _Checkpoint:
                 if moved:
                     put_back(moved, cg)
         except BaseException as e:
+            if (not self.committed and self.req.tcp == "established"
+                    and dump_finished(self.store.dir(self.id) / "criu-dump.log")):
+                # CRIU has killed the tree: its image and the journaled draft are all that is
+                # left of it, so nothing is removed, and gc commits the draft.
+                why = str(e) if isinstance(e, FscrError) else type(e).__name__
+                raise FscrError(f"{why}; CRIU had dumped and killed the tree: "
+                                f"run `fscr gc` to commit checkpoint {self.id}, all that is "
+                                "left of it") from None
             kept = None
             if not self.committed:  # after a --kill commit the checkpoint is all that's left
                 for s in self.snaps:
@@ -218,7 +233,8 @@ class _Checkpoint:
                 if isinstance(e, CriuFailed):
                     kept = self.keep_failure(e)
                 self.store.remove(self.id)
-            self.journal.close()
+            if not self.relinks_left:
+                self.journal.close()
             if kept is not None:
                 raise kept from None
             raise
@@ -253,8 +269,14 @@ class _Checkpoint:
                 m = self.commit(self.window())
             elif self.req.kill:
                 # Commit while the tree is still frozen, then kill it: a run that dies before
-                # the commit leaves the tree running (the watchdog or gc thaws it).
-                m = self.commit(self.window())
+                # the commit leaves the tree running (the watchdog or gc thaws it). The
+                # images' checksums are the long part: if the watchdog thawed the tree
+                # meanwhile, it ran on past its image, so it is neither killed nor kept.
+                window = self.window()
+                self.t.seconds["freeze_window"] = round(window, 6)
+                m = self.manifest(window)
+                self.watchdog_ok()
+                m = self.commit(window, m)
                 tasks = self.captured.tasks
                 self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in tasks])
                 # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
@@ -339,11 +361,20 @@ class _Checkpoint:
             if self.req.tcp == "established":
                 # CRIU kills the tree once answered: if fscr dies after that, gc commits
                 # this draft (if fscr dies before, CRIU lets the tree run on).
-                self.journal.note("draft", manifest=self.manifest(0.0).model_dump(mode="json"))
+                self.journal.note("draft", manifest=self.manifest(0.0, images=False)
+                                  .model_dump(mode="json"))
         finally:
             with self.t.stage("unrelink"):
-                for vol in self.volumes:
-                    relink.remove_relinks(vol, self.id)
+                failed: list[str] = []
+                for vol in self.volumes:  # each volume, whatever another one does
+                    try:
+                        relink.remove_relinks(vol, self.id)
+                    except OSError as e:
+                        failed.append(f"{vol}: {e.strerror or e}")
+                if failed:
+                    self.relinks_left = True
+                    raise FscrError(f"cannot remove the relinks from {'; '.join(failed)}: "
+                                    "`fscr gc` removes them")
 
     def preflight(self, tasks: list[Task]) -> None:
         """Before the freeze, and again once frozen (the tree may have changed): refuse what
@@ -431,9 +462,9 @@ class _Checkpoint:
         if self.req.tcp != "established":
             self.watchdog_ok()
 
-    def commit(self, window: float) -> Manifest:
+    def commit(self, window: float, m: Manifest | None = None) -> Manifest:
         self.t.seconds["freeze_window"] = round(window, 6)
-        m = self.manifest(window)
+        m = m if m is not None else self.manifest(window)
         self.journal.note("commit")
         origins.made_here(self.store.root, m)
         self.store.commit(m)
@@ -451,20 +482,25 @@ class _Checkpoint:
         except ValidationError as e:
             raise Refused(f"the tree uses a file fscr cannot record: {_first(e)}") from None
 
-    def manifest(self, window: float) -> Manifest:
+    def manifest(self, window: float, images: bool = True) -> Manifest:
+        """The run's manifest; without `images` (a --tcp established draft, journaled inside
+        CRIU's stop) the images are not checksummed: gc does that if it commits the draft."""
         tasks, cg = self.captured.tasks, self.cg
         leaks, unchanged = self.recorded()
         try:
-            return self._manifest(window, tasks, cg, leaks, unchanged)
+            return self._manifest(window, tasks, cg, leaks, unchanged, images)
         except ValidationError as e:  # the run's undo removes what it made
             raise Refused(f"the checkpoint cannot be recorded: {_first(e)}") from None
 
     def _manifest(self, window: float, tasks: list[Task], cg: Cgroup,
-                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord]) -> Manifest:
+                  leaks: list[LeakRecord], unchanged: list[UnchangedRecord],
+                  with_images: bool) -> Manifest:
         lineage = origins.lineage_of(self.store.root, (self.root, tasks[0].starttime))
-        written = bytes_in(self.store.images(self.id))  # none yet in a --tcp established draft
-        with meter(self.t.progress if written else quiet, "checksum", written) as m:
-            images = self.store.image_records(self.id, m.advance)
+        images = []
+        if with_images:
+            written = bytes_in(self.store.images(self.id))
+            with meter(self.t.progress if written else quiet, "checksum", written) as m:
+                images = self.store.image_records(self.id, m.advance)
         p = self.placement
         return Manifest(
             schema_version=SCHEMA_VERSION,

@@ -1,8 +1,7 @@
-"""What checkpoint and restore share: stage timing and progress, root, lock keys, ids."""
+"""What checkpoint and restore share: stage timing and progress, ids."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -10,12 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import NotRoot
 from ..journal import Journal
-from ..process.tree import Task, read_stat
+from ..process.tree import read_stat
 from ..progress import finished, meter
 
 if TYPE_CHECKING:
@@ -29,26 +26,8 @@ def quiet(stage: str) -> None:
     pass
 
 
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise NotRoot("fscr must run as root (it freezes cgroups and runs CRIU)")
-
-
 def new_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(2)
-
-
-def volume_lock(path: Path) -> str:
-    return f"volume {os.path.realpath(path)}"
-
-
-def restore_lock(ckpt_id: str) -> str:
-    """Held by every restore of a checkpoint: they share its pidfile and its restore log."""
-    return f"restore of checkpoint {ckpt_id}"
-
-
-def workload_lock(root: Task) -> str:
-    return f"workload PID {root.pid} (start {root.starttime})"
 
 
 @dataclass

@@ -1,23 +1,24 @@
-"""Restore: the volumes put back as they were at the checkpoint, then the tree; and delete."""
+"""Restore: the volumes put back as they were at the checkpoint, then the tree.
+
+Its last stage, finish_restore, is idempotent and is rerun by `fscr gc` for a restore whose
+fscr died after CRIU restored the tree (as beside.py's finish_beside is for a copy)."""
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import backends, failures, lazy, locks, netlock, origins, preflight, relink, snapshot
+from .. import backends, failures, lazy, locks, origins, preflight, relink, snapshot
 from .. import journal as journal_mod
 from ..backends import RestoreRequest
 from ..errors import (
     BadManifest,
     CriuFailed,
     FscrError,
-    NoSuchCheckpoint,
     PagesCorrupt,
     Refused,
     RestoreRolledBack,
@@ -25,7 +26,7 @@ from ..errors import (
 )
 from ..journal import Journal
 from ..manifest import Manifest
-from ..names import check_id, is_copy, is_rescue, lv_rescue_name
+from ..names import check_id
 from ..process import freezer
 from ..process.files import holders
 from ..process.target import put_back
@@ -37,10 +38,7 @@ from .common import (
     Timings,
     noting_pid,
     quiet,
-    require_root,
-    restore_lock,
     verify_in_background,
-    volume_lock,
 )
 
 
@@ -66,10 +64,9 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
     the volumes are swapped back (their restored copies removed); if that fails too, or fscr
     dies, the journal lets `fscr gc` finish the job.
     """
-    require_root()
     store = Store.open(store_dir)
     m = store.load(check_id(ckpt_id))
-    keys = [volume_lock(Path(v.path)) for v in m.volumes] + [restore_lock(m.id)]
+    keys = [locks.volume_lock(Path(v.path)) for v in m.volumes] + [locks.restore_lock(m.id)]
     with locks.hold(keys, progress):
         dead = journal_mod.unfinished(store.root, m.id)
         if dead:
@@ -105,7 +102,7 @@ class _Restore:
                                      snapshot=self.m.snapshot, volumes_only=volumes_only,
                                      rollback=self.rollback, cgroup=self.cgroup.model_dump(),
                                      lazy=self.lazy)
-        swapped: list[Swap] = []
+        swapped: list[VolumeSwap] = []
         pid = None
         try:
             if processes:
@@ -260,16 +257,16 @@ class _Restore:
                                        "use; CRIU needs them free to restore")
             time.sleep(0.05)
 
-    def swap_in(self, rescue: str, swapped: list[Swap]) -> None:
+    def swap_in(self, rescue: str, swapped: list[VolumeSwap]) -> None:
         for v in self.m.volumes:
             if v.snapshot is None:
                 continue
             vol = Path(v.path)
-            sw = Swap(vol, self.provider.rescue(vol, rescue, v.n))
+            sw = VolumeSwap(vol, self.provider.rescue(vol, rescue, v.n))
             self.journal.note("swap", volume=v.path, snapshot=v.snapshot, rescue=sw.rescue,
                               name=rescue)
 
-            def made(copy: str, sw: Swap = sw) -> None:
+            def made(copy: str, sw: VolumeSwap = sw) -> None:
                 self.journal.note("copy", volume=str(sw.volume), copy=copy)
                 sw.copy = copy  # from here a failure must be undone
                 swapped.append(sw)
@@ -330,10 +327,12 @@ class _Restore:
 
 
 @dataclass
-class Swap:
+class VolumeSwap:
+    """One volume's swap during this restore: undone if the restore fails."""
+
     volume: Path
     rescue: str
-    copy: str | None = None  # what swap_in made, once it has (the journal's "copy")
+    copy: snapshot.Copy | None = None  # what swap_in made, once it has (journaled "copy")
 
 
 def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: int | None,
@@ -366,42 +365,3 @@ def finish_restore(store: Store, m: Manifest, provider: snapshot.Provider, pid: 
         own = freezer.at(cgroup.path)
         put_back({p: cgroup.original for p in (own.procs() if own.exists() else [])}, own)
     return rescues
-
-
-# -------------------------------------------------------------------------------- delete
-
-def delete(name: str, store_dir: str | None = None) -> list[str]:
-    """Delete checkpoint `name` (its snapshots, then its directory) or rescue snapshot `name`.
-    Returns what was removed."""
-    require_root()
-    store = Store.open(store_dir)
-    if is_copy(name):
-        from .. import copies  # loaded on use: a restore never needs it
-        return copies.delete(store.root, name)
-    if is_rescue(name):
-        for r in store.rescues():
-            if r.get("name") == name:
-                kind = r.get("kind", "btrfs")
-                provider = snapshot.get(kind)
-                for p in r["paths"]:
-                    own = (Path(p).parent.name == name if kind == "btrfs" else  # <name>/<n>
-                           re.fullmatch(re.escape(lv_rescue_name(name, 0)[:-1]) + "[0-9]+",
-                                        Path(p).name) is not None)  # fscr_<name>_<n>
-                    if not own:
-                        raise BadManifest(f"rescue record {name} names {p}, not its own")
-                    provider.delete(p)
-                store.remove_rescue(name)
-                return list(r["paths"])
-        raise NoSuchCheckpoint(f"no rescue snapshot {name} in {store.root}")
-    if not store.committed(check_id(name)):
-        raise NoSuchCheckpoint(f"no checkpoint {name} in {store.root}")
-    m = store.load(name)
-    provider = snapshot.get(m.snapshot)
-    with locks.hold([volume_lock(Path(v.path)) for v in m.volumes]):
-        removed = netlock.release(m.netlock, lambda: trust.netns_path(store.root, m))
-        for v in m.volumes:
-            if v.snapshot is not None:
-                provider.delete(v.snapshot)
-                removed.append(v.snapshot)
-        store.remove(name)
-    return removed + [str(store.dir(name))]

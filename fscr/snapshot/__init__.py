@@ -2,16 +2,26 @@
 
 A provider checks that a directory is a volume it can snapshot, creates a read-only snapshot
 in the frozen window, deletes one, and at restore puts a snapshot back at the volume's path
-while keeping the contents it replaced (the rescue snapshot).
+while keeping the contents it replaced (the rescue snapshot). A provider that can also streams
+a snapshot out and receives one back (fscr send and receive: transfer.py frames the stream,
+the provider fills and empties its volume records).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from ..errors import BadInput, FscrError
+
+Copy: TypeAlias = str
+"""What a provider's swap_in hands back (through `made`) once the volume's writable copy
+exists: opaque to the pipeline, journaled as the "copy" event, and handed back unchanged to
+the same provider's `swapped` and `undo`, so a gc after a crash can finish or undo the swap.
+btrfs: the copy subvolume's UUID (a subvolume at the volume's path with that UUID means the
+swap happened); LVM: a snapshot.lvm.LvmSwap record as JSON (how: mount or merge, the LVs,
+the volume's mount); none: ""."""
 
 
 class Provider(Protocol):
@@ -48,23 +58,27 @@ class Provider(Protocol):
         """The name the contents a restore replaces get, for the restore called `rescue`."""
 
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
-                made: Callable[[str], None]) -> None:
+                made: Callable[[Copy], None]) -> None:
         """Put a writable copy of `snapshot` at `volume`, keeping what it replaces at
         `rescue` (where the provider does). `made(copy)` is called once the copy exists and
         before the swap, to journal it; on a failure before that, nothing is left behind."""
 
-    def swapped(self, volume: Path, copy: str) -> bool:
+    def swapped(self, volume: Path, copy: Copy) -> bool:
         """Whether the swap of `copy` (as passed to made) into `volume` happened."""
 
     def leftover(self, volume: Path, rescue: str) -> bool:
         """Whether a swap_in that died before calling made left anything behind."""
 
-    def undo(self, volume: Path, rescue: str, copy: str | None) -> None:
+    def undo(self, volume: Path, rescue: str, copy: Copy | None) -> None:
         """Undo a swap_in, however far it got (`copy` is what it passed to made, if it did):
         the volume holds again what it held before, and what the restore made is removed."""
 
     def seal(self, rescue: str) -> None:
         """Make a rescue read-only once the restore succeeded."""
+
+    def owns_rescue(self, name: str, path: str) -> bool:
+        """Whether `path` is one of the snapshots `rescue(_, name, n)` names: delete removes
+        only those, whatever a rescue record under the store says."""
 
     # restore --beside
     clones: bool  # whether clone works: a copy beside the original needs it
@@ -72,6 +86,22 @@ class Provider(Protocol):
     def clone(self, snapshot: str, dest: Path) -> None:
         """A writable copy of `snapshot` at `dest` (a directory fscr names), leaving the
         volume alone; on failure nothing is left at `dest`."""
+
+    # send and receive (docs/transfer.md)
+    sends: bool  # whether snapshots travel in a stream: send refuses a checkpoint otherwise
+
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        """Pass `snapshot` to `write` in chunks, as a delta against `parent` (the same
+        volume's snapshot in an earlier checkpoint) when given; raise FscrError if that
+        fails."""
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        """Make the snapshot `create` would have named for these from what `read(sink)` passes
+        to `sink` (one volume record's payload); return its name. `made(name)` is called
+        before anything is written there, to journal it; the caller deletes it on a failure.
+        A payload this provider cannot use raises BadStream."""
 
 
 KINDS = ("btrfs", "lvm", "none")

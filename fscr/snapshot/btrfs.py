@@ -7,14 +7,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import btrfsutil
 
-from ..errors import BadManifest, BadVolume, NoSpace, Refused, SnapshotFailed
-from ..fsutil import mount_at, private_dir
+from ..errors import BadManifest, BadStream, BadVolume, FscrError, NoSpace, Refused, SnapshotFailed
+from ..fsutil import mount_at, mount_of, private_dir
 from ..names import rescue_path, snapshot_path
+
+CHUNK = 1 << 20
 
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -104,6 +107,9 @@ class Btrfs:
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return str(rescue_path(volume, rescue, n))
 
+    def owns_rescue(self, name: str, path: str) -> bool:
+        return Path(path).parent.name == name  # rescue_path: .../<name>/<n>
+
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         # A writable snapshot of the checkpoint's read-only one, made at the rescue path and
@@ -162,6 +168,87 @@ class Btrfs:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space for a copy of {snapshot}") from None
             raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
+
+
+    sends = True
+
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        argv = ["btrfs", "send", "-q", *(["-p", parent] if parent else []), snapshot]
+
+        def drain(proc: subprocess.Popen[bytes]) -> None:
+            while data := proc.stdout.read(CHUNK):
+                write(data)
+
+        code, err = _piped(argv, subprocess.DEVNULL, subprocess.PIPE, drain)
+        if code != 0:
+            raise FscrError(f"btrfs send of {snapshot} failed: {err}")
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        dest = snapshot_path(volume, ckpt_id, n)
+        _on_btrfs(volume)
+        if dest.exists():
+            raise BadStream(f"{dest} already exists here")
+        _mkdir_private(dest.parent.parent)  # .fscr-snapshots: root's own, never a symlink
+        _mkdir_private(dest.parent)
+        made(str(dest))
+        stopped = False
+
+        def feed(proc: subprocess.Popen[bytes]) -> None:
+            nonlocal stopped
+            try:
+                read(proc.stdin.write)
+            except BrokenPipeError:
+                stopped = True  # btrfs receive gave up mid-stream: its stderr says why
+
+        code, err = _piped(["btrfs", "receive", "-q", str(dest.parent)], subprocess.PIPE,
+                           subprocess.DEVNULL, feed)
+        if code != 0 or stopped:
+            raise BadStream(f"btrfs receive of volume {volume} failed: "
+                            f"{err or 'it stopped reading the stream'}")
+        if not dest.exists():
+            raise BadStream(f"the stream's snapshot of {volume} is not named {dest.name}")
+        return str(dest)
+
+
+def _piped(argv: list[str], stdin: int, stdout: int,
+           work: Callable[[subprocess.Popen[bytes]], None]) -> tuple[int, str]:
+    """Run btrfs send or receive while `work` drains or feeds its pipe; its exit code and
+    stderr. If `work` fails (the stream's reader went away, the stream is corrupt) btrfs is
+    killed: its own failure is then not the news."""
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        work(proc)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except BrokenPipeError:
+                pass  # receive's unread buffer: it exited, its code and stderr tell
+        err = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    return code, err
+
+
+def _on_btrfs(volume: Path) -> None:
+    """The volume's parent must be a directory on btrfs: snapshots are received beside it."""
+    parent = volume.parent
+    if not parent.is_dir():
+        raise BadStream(f"{parent} does not exist here: mount the btrfs filesystem that will "
+                        f"hold {volume} first")
+    try:
+        btrfsutil.subvolume_id(str(parent))  # the subvolume holding it: only btrfs has one
+    except btrfsutil.BtrfsUtilError:
+        mount = mount_of(parent)  # only to name what it is instead
+        raise BadStream(f"{parent} is not on a btrfs filesystem "
+                        f"({mount.fstype if mount else 'unknown'}): cannot receive the "
+                        f"snapshot of {volume}") from None
 
 
 def identity(volume: Path) -> str | None:

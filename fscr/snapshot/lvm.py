@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from ..errors import (
     BadInput,
     BadManifest,
+    BadStream,
     BadVolume,
     MissingDependency,
     NoSpace,
@@ -264,7 +265,7 @@ def remount_command(origin: LogicalVolume, mount: Remount) -> list[str]:
 
 # ------------------------------------------------------------------------------ the provider
 
-class Swap(BaseModel):
+class LvmSwap(BaseModel):
     """What a restore's swap_in did, journaled (as JSON) before it changes the volume: how
     the volume gets the checkpoint's contents, and the LV that gives them."""
 
@@ -426,6 +427,12 @@ class Lvm:
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return f"/dev/{self.origin(volume)[0].vg_name}/{lv_rescue_name(rescue, n)}"
 
+    def owns_rescue(self, name: str, path: str) -> bool:
+        # lv_rescue_name: fscr_<name>_<n>, in any volume group
+        n = Path(path).name.removeprefix(lv_rescue_name(name, 0)[:-1])
+        return n != Path(path).name and n.isascii() and n.isdigit() \
+            and Path(path).name == lv_rescue_name(name, int(n))
+
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         snap = self.lookup(snapshot)
@@ -435,7 +442,7 @@ class Lvm:
         if self.rollback:
             self.run(snapshot_command(origin, split(rescue)[1],
                                       f"{self._rescue_bytes(snap, origin)}b", writable=True))
-            swap = Swap(how="merge", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
+            swap = LvmSwap(how="merge", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
             made(swap.model_dump_json())
             self._merge(origin, snap.lv_name, swap.mount)
             return
@@ -443,12 +450,12 @@ class Lvm:
             copy = restored_name(rescue)
             device = self._made(snapshot_command(snap, copy, None, writable=True, active=True),
                                 snap.vg_name, copy)
-            swap = Swap(how="mount", lv=f"{snap.vg_name}/{copy}", origin=origin.full,
+            swap = LvmSwap(how="mount", lv=f"{snap.vg_name}/{copy}", origin=origin.full,
                         mount=Remount.of(mount))
             options = swap.mount.options  # the volume's own flags: nosuid, noexec, ro...
         else:
             device = snap.path
-            swap = Swap(how="mount", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
+            swap = LvmSwap(how="mount", lv=snap.full, origin=origin.full, mount=Remount.of(mount))
             options = [*dict.fromkeys([*swap.mount.options, "ro"])]
         made(swap.model_dump_json())
         self.run(mount_command(device, volume, mount.fstype, options))
@@ -536,10 +543,22 @@ class Lvm:
         raise Refused("restore --beside needs btrfs: a copy of an LVM snapshot would have to "
                       "be mounted for it, which fscr does not do yet")
 
+    # A logical volume has no send stream fscr could frame (docs/lvm.md says how to move one):
+    # send refuses an LVM checkpoint before writing a byte, receive a stream that names one.
+    sends = False
 
-def _swap(copy: str) -> Swap:
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        raise Refused(f"{snapshot} is an LVM snapshot: send carries btrfs snapshots only")
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        raise BadStream("the stream's checkpoint names LVM snapshots, which streams never carry")
+
+
+def _swap(copy: str) -> LvmSwap:
     try:
-        return Swap.model_validate_json(copy)
+        return LvmSwap.model_validate_json(copy)
     except ValidationError:
         raise BadManifest(f"a journal names an LVM swap fscr does not know: {copy[:80]}") \
             from None

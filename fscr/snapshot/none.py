@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import BadVolume, Refused
+from ..errors import BadStream, BadVolume, FscrError, Refused
 
 
 class NoSnapshot:
@@ -36,6 +36,9 @@ class NoSnapshot:
     def rescue(self, volume: Path, rescue: str, n: int) -> str:
         return ""
 
+    def owns_rescue(self, name: str, path: str) -> bool:
+        return False  # it makes no rescue
+
     def swap_in(self, snapshot: str, volume: Path, rescue: str,
                 made: Callable[[str], None]) -> None:
         pass
@@ -57,3 +60,15 @@ class NoSnapshot:
     def clone(self, snapshot: str, dest: Path) -> None:
         raise Refused("a checkpoint without snapshots (--snapshot none) has no volume to run "
                       "a copy from")
+
+    # A checkpoint without snapshots travels as its images alone: no volume record to make.
+    sends = True
+
+    def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
+        raise FscrError("a checkpoint without snapshots (--snapshot none) has none to send")
+
+    def receive(self, volume: Path, ckpt_id: str, n: int,
+                read: Callable[[Callable[[bytes], None]], object],
+                made: Callable[[str], None]) -> str:
+        raise BadStream("the stream is corrupt (a volume record in a checkpoint without "
+                        "snapshots)")
