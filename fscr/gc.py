@@ -144,29 +144,29 @@ def _criu(run: Run, facts: Facts) -> list[Task]:
     of a lazy restore: while its tree runs it is never killed (the pages it has not copied
     yet would read as zeroes) and it exits on its own once every page is in; it is stopped
     only when no tree runs on it (plan_restore)."""
-    return [t for e in run.events("criu") if facts.alive(t := Task(e["pid"], e["starttime"]))]
+    return [t for e in run.events("criu") if facts.alive(t := Task(e.pid, e.starttime))]
 
 
 def _lazy_daemons(run: Run, facts: Facts) -> list[Task]:
-    return [t for e in run.events("lazy") if facts.alive(t := Task(e["pid"], e["starttime"]))]
+    return [t for e in run.events("lazy") if facts.alive(t := Task(e.pid, e.starttime))]
 
 
 def _thaw_steps(plan: Plan, facts: Facts) -> None:
     for e in plan.run.events("freeze"):
-        cg = Cgroup(e["kind"], Path(e["cgroup"]))
+        cg = Cgroup(e.kind, Path(e.cgroup))
         if facts.frozen(cg):
             plan.add(f"thaw cgroup {cg.path}", cg.thaw)
     moves = plan.run.events("move")
     if moves:
-        own = Cgroup(moves[0]["kind"], Path(moves[0]["cgroup"]))
-        moved = {e["pid"]: e["original"] for e in moves}
+        own = Cgroup(moves[0].kind, Path(moves[0].cgroup))
+        moved = {e.pid: e.original for e in moves}
         if facts.cgroup_exists(own):
             plan.add(f"put the tasks in {own.path} back in their cgroups, remove it",
                      lambda: put_back(moved, own))
 
 
 def _relink_steps(plan: Plan, facts: Facts) -> None:
-    for vol in plan.run.begin.get("volumes", []):
+    for vol in plan.run.begin.volumes:
         names = facts.relinks(Path(vol), plan.run.id)
         if names:
             plan.add(f"remove {len(names)} relink(s) unlink-at-restart-{plan.run.id}-* "
@@ -179,7 +179,7 @@ def _draft(store: Store, run: Run) -> Manifest | None:
     drafts = run.events("draft")
     if not drafts or not store.images(run.id).exists():
         return None
-    m = Manifest.from_bytes(json.dumps(drafts[-1]["manifest"]).encode(), f"draft {run.id}")
+    m = Manifest.from_bytes(json.dumps(drafts[-1].manifest).encode(), f"draft {run.id}")
     return records.replace(m, netlock=netlock.of_images(store.images(run.id)))
 
 
@@ -205,14 +205,14 @@ def plan_checkpoint(store: Store, run: Run, facts: Facts) -> Plan:
                                                                                  draft)))
     if not facts.committed(run.id):
         kind = _kind(run)
-        made = [facts.snapshot_found(kind, Path(e["volume"]), run.id, e["n"])
+        made = [facts.snapshot_found(kind, Path(e.volume), run.id, e.n)
                 for e in run.events("snapshot")]
         _unfinished_steps(plan, store, facts, [s for s in made if s is not None])
     return plan
 
 
 def _kind(run: Run) -> str:
-    return run.begin.get("snapshot", "btrfs")
+    return run.begin.snapshot
 
 
 def _unfinished_steps(plan: Plan, store: Store, facts: Facts, snapshots: list[str]) -> None:
@@ -229,7 +229,7 @@ def _restored_root(store: Store, run: Run, cgroup: str) -> int | None:
     """The PID of the tree CRIU restored, if it did: journaled, or in CRIU's pidfile (written
     once the tree runs) and then only if that PID is in the checkpoint's cgroup."""
     for e in run.events("restored"):
-        return e["pid"]
+        return e.pid
     pidfile = store.dir(run.id) / "restore.pid"
     try:
         pid = int(pidfile.read_text().strip())
@@ -245,11 +245,11 @@ def plan_beside(store: Store, run: Run, facts: Facts) -> Plan:
     """A restore --beside: finish the copy if CRIU restored it, else remove what it made
     (clones and cgroup, each named after the copy)."""
     plan = Plan(run)
-    name = run.begin["beside"]
+    name = run.begin.beside
     if not is_copy(name):
         raise FscrError(f"journal {run.path.name} names copy {name!r}, not one of fscr's")
-    clones = {e["volume"]: Path(e["path"]) for e in run.events("clone")
-              if Path(e["path"]).parent.name == name}
+    clones = {e.volume: Path(e.path) for e in run.events("clone")
+              if Path(e.path).parent.name == name}
     cgroup = f"/{copy_cgroup(name)}"
     m = facts.manifest(run.id)
     root = facts.restored_root(run, cgroup) if m is not None else None
@@ -273,8 +273,8 @@ def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
     """The cgroup the dead restore put the tree in, as it journaled it (fscr 0.1 journaled
     none: the manifest's, then)."""
     try:
-        return records.convert(run.begin["cgroup"], origins.CgroupOf)
-    except (KeyError, records.Invalid):
+        return records.convert(run.begin.cgroup, origins.CgroupOf)
+    except records.Invalid:
         if m is None:
             return None
         return origins.CgroupOf(kind=m.cgroup.kind, path=m.cgroup.path,
@@ -282,7 +282,7 @@ def _restored_cgroup(run: Run, m: Manifest | None) -> origins.CgroupOf | None:
 
 
 def plan_restore(store: Store, run: Run, facts: Facts) -> Plan:
-    if run.begin.get("beside"):
+    if run.begin.beside:
         return plan_beside(store, run, facts)
     plan = Plan(run)
     m = facts.manifest(run.id)  # None: deleted since, only the swaps can be undone
@@ -300,15 +300,15 @@ def plan_restore(store: Store, run: Run, facts: Facts) -> Plan:
         for d in _lazy_daemons(run, facts):
             plan.add(f"stop CRIU's lazy-pages daemon (PID {d.pid})", lambda d=d: lazy.stop(d))
     if root is not None and m is not None and cgroup is not None:
-        rescues = [e["rescue"] for e in swaps]
-        name = swaps[0]["name"] if swaps else ""
+        rescues = [e.rescue for e in swaps]
+        name = swaps[0].name if swaps else ""
         plan.add(f"finish the restore of PID {root}: unlink relinks, seal and list rescue "
                  "snapshots", lambda: finish_restore(store, m, facts.provider(kind), root, name,
                                                      rescues, cgroup))
         plan.add("remove CRIU's pidfile",
                  lambda: (store.dir(run.id) / "restore.pid").unlink(missing_ok=True))
         return plan
-    killed = [Task(p, s) for e in run.events("kill") for p, s in e.get("tasks", [])]
+    killed = [Task(p, s) for e in run.events("kill") for p, s in e.tasks]
     if killed and m is not None and not any(facts.alive(t) for t in killed):
         # --replace had killed the old tree: undoing the swaps alone would leave the workload
         # down, so gc finishes what the user asked for, from a clean state.
@@ -316,11 +316,11 @@ def plan_restore(store: Store, run: Run, facts: Facts) -> Plan:
                           "--replace before fscr died)",
                           lambda: pipeline.restore(
                               run.id, str(store.root), replace=True, force=True,
-                              volumes_only=run.begin.get("volumes_only", False),
-                              rollback=run.begin.get("rollback", False))))
-    copies = {e["volume"]: e["copy"] for e in run.events("copy")}
+                              volumes_only=run.begin.volumes_only,
+                              rollback=run.begin.rollback)))
+    copies = {e.volume: e.made for e in run.events("copy")}
     for e in reversed(swaps):
-        vol, rescue, copy = Path(e["volume"]), e["rescue"], copies.get(e["volume"])
+        vol, rescue, copy = Path(e.volume), e.rescue, copies.get(e.volume)
         if copy is not None and facts.swapped(kind, vol, copy):
             what = f"put {vol} back as it was before the restore"
         elif copy is not None or facts.leftover(kind, vol, rescue):
@@ -333,7 +333,7 @@ def plan_restore(store: Store, run: Run, facts: Facts) -> Plan:
 
 
 def _pages_corrupt(store: Store, run: Run, m: Manifest) -> bool:
-    if not run.begin.get("lazy") or run.events("verified"):
+    if not run.begin.lazy or run.events("verified"):
         return False
     try:
         store.verify_images(m, which=lazy.is_page_image)
@@ -345,7 +345,7 @@ def _pages_corrupt(store: Store, run: Run, m: Manifest) -> bool:
 def plan_receive(store: Store, run: Run, facts: Facts) -> Plan:
     plan = Plan(run)
     if not facts.committed(run.id):
-        made = [e["path"] for e in run.events("subvolume")]
+        made = [e.path for e in run.events("subvolume")]
         _unfinished_steps(plan, store, facts,
                           [p for p in made if facts.snapshot_left(_kind(run), p)])
     return plan
@@ -366,11 +366,11 @@ def describe(store: Store, run: Run, facts: Facts) -> list[str]:
 
 
 def _lock_keys(run: Run) -> list[str]:
-    keys = [volume_lock(Path(v)) for v in run.begin.get("volumes", [])]
+    keys = [volume_lock(Path(v)) for v in run.begin.volumes]
     if run.op == "restore":
         keys.append(restore_lock(run.id))
     for e in run.events("isolate"):
-        keys.append(workload_lock(e["root"], e["starttime"]))
+        keys.append(workload_lock(e.root, e.starttime))
     return keys
 
 
@@ -384,7 +384,7 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
     report = []
     for run in unfinished(store.root):
         facts = Machine(store)  # fresh for each run: another run's steps changed the machine
-        entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin["pid"],
+        entry: dict[str, Any] = {"id": run.id, "op": run.op, "pid": run.begin.pid,
                                  "done": not dry_run, "actions": [], "errors": []}
         report.append(entry)
         if run.damaged is not None:  # gc undoes only what a journal it can read names

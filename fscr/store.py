@@ -35,9 +35,12 @@ def _private_dir(path: Path) -> Path:
     return private_dir(path, BadStore)
 
 
-class RescueRecord(Record):
-    """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`)."""
+class RescueRecord(Record, kw_only=True):
+    """<store>/rescues/<name>.json: the snapshots a restore replaced (provider `kind`).
+    `version` is the record's format (a record without one, written before it existed, is
+    version 1; another version is damaged, as an unreadable record is)."""
 
+    version: Literal[1] = 1
     name: Annotated[str, Meta(pattern=rf"^{RESCUE_PATTERN}\Z")]
     paths: list[AbsPath]
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
@@ -190,7 +193,7 @@ class Store:
     def add_rescue(self, name: str, paths: list[str], kind: str) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed; `kind`
         is the snapshot provider that made it."""
-        data = json.dumps({"name": name, "paths": paths, "kind": kind}).encode()
+        data = json.dumps({"version": 1, "name": name, "paths": paths, "kind": kind}).encode()
         write_atomic(self._rescue_file(name), data)
 
     def rescues(self, damaged: Callable[[str], None] | None = None) -> list[dict]:
@@ -207,7 +210,8 @@ class Store:
                     why = records.why(e)[1] if isinstance(e, records.Invalid) else str(e)
                     damaged(f"rescue record {p.name} is damaged ({why}): ignored")
                 continue
-            out.append(records.plain(rec))
+            out.append({k: v for k, v in records.plain(rec).items()
+                        if k != "version"})  # `list` shows what it names
         return out
 
     def remove_rescue(self, name: str) -> None:

@@ -86,7 +86,7 @@ class Watchdog:
 
 def _criu_of(journal: Path) -> Task | None:
     started = Run(journal, read(journal)).events("criu")
-    return Task(started[-1]["pid"], started[-1]["starttime"]) if started else None
+    return Task(started[-1].pid, started[-1].starttime) if started else None
 
 
 def main(kind: str, path: str, journal: str, max_freeze: str) -> None:

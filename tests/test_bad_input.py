@@ -270,12 +270,16 @@ def test_damaged_records_under_the_store_are_warnings_or_one_line(store):
     (store / "rescues" / "rescue_x_20260101T000000Z_abcd.json").write_text(
         '{"name": "rescue_x_20260101T000000Z_abcd", "paths": ["/a\\u0000"], "kind": "btrfs"}')
     (store / "rescues" / "junk.json").write_bytes(b"\xff[[[")
+    # Whole, but of a format version this fscr does not know (a newer fscr's).
+    (store / "rescues" / "rescue_y_20260101T000000Z_abcd.json").write_text(
+        '{"version": 2, "name": "rescue_y_20260101T000000Z_abcd", "paths": ["/a"], '
+        '"kind": "btrfs"}')
     (store / "lineages").mkdir(exist_ok=True)
     (store / "lineages" / "1_x.json").write_text("[]")
     (store / "lineages" / "12_34.json").write_text('{"version": 1, "boot": 5, "tasks": "x"}')
     out = fscr("list", "--json", store=store)
     assert json.loads(out.stdout)["rescues"] == []
-    assert out.stderr.count("warning: rescue record") == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("warning: rescue record") == 3 and "Traceback" not in out.stderr
     one_line(fscr("delete", "rescue_x_20260101T000000Z_abcd", store=store, check=False), 6,
              "no rescue snapshot")
     # A journal whose begin line lacks its PID, and one with a PID that is a string.

@@ -28,6 +28,7 @@ from conftest import (
 )
 from test_pipeline import checkpoint, grows, relinks_on, restore
 
+from fscr import journal
 from fscr.process import freezer
 
 
@@ -62,8 +63,35 @@ def gc(store: Path, *args: str) -> dict:
     return json.loads(fscr("gc", "--json", *args, store=store).stdout)
 
 
-CHECKPOINT_EVENTS = ["begin", "isolate", "freeze", "relink", "snapshot", "dump", "criu",
-                     "dumped", "commit", "thawed"]
+# From the journal's one definition of its events: those a plain checkpoint of the service
+# writes (it holds an unlinked-but-open file, so it is relinked).
+CHECKPOINT_EVENTS = journal.written_by("checkpoint", journal.UNLINKED)
+
+
+def test_the_docs_table_of_journal_events_is_the_journals_own():
+    """docs/crash-safety.md lists every event as fscr/journal.py defines it."""
+    doc = (Path(__file__).parent.parent / "docs" / "crash-safety.md").read_text()
+    assert journal.table() in doc
+
+
+@pytest.mark.parametrize("lines_, why", [
+    ('{"event": "begin", "v": 2, "op": "checkpoint", "id": "c1", "pid": 7, "starttime": 0}\n',
+     "version 2"),
+    ('{"event": "begin", "op": "checkpoint", "id": "c1", "pid": 7, "starttime": 0}\n'
+     '{"event": "teleport", "pid": 7}\n', "unknown event 'teleport'"),
+    ('{"event": "begin", "op": "restore", "id": "c1", "pid": 7, "starttime": 0}\n'
+     '{"event": "kill", "pids": [7]}\n', "line 2: kill.tasks"),
+], ids=["newer version", "unknown event", "wrong payload"])
+def test_gc_leaves_a_journal_it_cannot_read_to_a_human(lines_, why, store):
+    """A journal of another format version (a newer fscr's), or with a line that is not an
+    event with its payload, is reported and left as it is: gc undoes only what it can read."""
+    fscr("list", store=store)  # makes the store
+    path = store / "journal" / "c1.checkpoint.7.jsonl"
+    path.write_text(lines_)
+    out = fscr("gc", store=store, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "is damaged" in out.stdout and why in out.stdout, out.stdout
+    assert path.read_text() == lines_
 
 
 @pytest.mark.parametrize("event", CHECKPOINT_EVENTS)
@@ -139,7 +167,7 @@ def test_kill_mode_dying_after_commit_keeps_checkpoint_and_workload(btrfs_volume
     counts_cleanly(vol / "history")
 
 
-RESTORE_EVENTS = ["begin", "kill", "swap", "copy", "criu", "restored"]
+RESTORE_EVENTS = journal.written_by("restore", journal.REPLACE_OPT, journal.SNAPSHOTS)
 
 
 @pytest.mark.parametrize("event", RESTORE_EVENTS)
@@ -174,7 +202,7 @@ def test_restore_killed_at_each_stage_is_finished_or_undone_by_gc(event, btrfs_v
     assert alive(r["pid"])
 
 
-BESIDE_EVENTS = ["begin", "clone", "cgroup", "criu", "restored"]
+BESIDE_EVENTS = journal.written_by("beside")
 
 
 @pytest.mark.parametrize("event", BESIDE_EVENTS)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fscr import gc, snapshot
-from fscr.journal import Run
+from fscr.journal import Run, invalid
 from fscr.manifest import Manifest
 from fscr.process.freezer import Cgroup
 from fscr.process.tree import Task
@@ -234,6 +234,12 @@ def test_plan(journal: Run, seen: Seen, expected: list[str]) -> None:
         expected = [*expected, "<forget>"]
     assert gc.describe(STORE, journal, Facts(seen)) == [forget if w == "<forget>" else w
                                                         for w in expected]
+
+
+def test_the_tables_journals_are_ones_fscr_writes() -> None:
+    """Every line above is an event of fscr/journal.py with its payload, as a run writes it."""
+    for name, journal, _, _ in CASES:
+        assert [invalid(e) for e in journal.entries] == [None] * len(journal.entries), name
 
 
 def test_beside_refuses_a_copy_name_not_fscrs() -> None:

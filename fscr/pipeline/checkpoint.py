@@ -159,6 +159,18 @@ def check(req: CheckpointRequest) -> tuple[preflight.Report, str | None]:
 
 
 @dataclass
+class Captured:
+    """What the frozen window captured for the manifest, filled in CRIU's order: the scan
+    (query-ext-files), the relinks (post-dump), the network lock (CRIU's answer)."""
+
+    tasks: list[Task] = field(default_factory=list)  # the tree, scanned once stopped
+    unlinked: dict[str, OpenFile] = field(default_factory=dict)  # to relink, by CRIU's key
+    left_to_criu: set[str] = field(default_factory=set)  # watched ones CRIU copies as ghosts
+    relinks: list[Relink] = field(default_factory=list)
+    netlock: str | None = None  # --tcp established: CRIU's network lock, left on
+
+
+@dataclass
 class _Checkpoint:
     req: CheckpointRequest
     store: Store
@@ -173,6 +185,14 @@ class _Checkpoint:
     committed: bool = False
     relinks_left: bool = False  # a relink could not be removed: the journal stays for gc
     asked: frozenset[str] = frozenset()  # the needs CRIU was started with (preflight's)
+    report: preflight.Report = field(init=False)  # the last preflight's (set before a dump)
+    # Set by execute (the journal) and frozen_window (the rest) before any hook runs:
+    journal: Journal = field(init=False)
+    cg: Cgroup = field(init=False)  # the cgroup frozen
+    moved: dict[int, str] = field(default_factory=dict)  # tasks moved there: {pid: original}
+    dog: Watchdog = field(init=False)
+    frozen_at: float | None = None  # time.monotonic() of the freeze; None: not frozen
+    captured: Captured = field(default_factory=Captured)
 
     def execute(self, named: Cgroup | None) -> Manifest:
         self.journal = Journal.begin(self.store.root, self.id, "checkpoint",
@@ -236,7 +256,7 @@ class _Checkpoint:
         dumped): fscr freezes once CRIU has started up, and does its scan, relinks and
         snapshots while CRIU holds the tree stopped. The watchdog is armed before the freeze;
         the tree is thawed however this ends (or CRIU has killed it: --tcp established)."""
-        self.cg, self.moved, self.frozen_at = cg, moved, None
+        self.cg, self.moved, self.frozen_at, self.captured = cg, moved, None, Captured()
         self.dog = Watchdog.start(cg, self.journal.path, self.req.max_freeze)
         m = None
         try:
@@ -255,10 +275,11 @@ class _Checkpoint:
                 m = self.manifest(window)
                 self.watchdog_ok()
                 m = self.commit(window, m)
-                self.journal.note("kill", pids=[x.pid for x in self.tasks])
+                tasks = self.captured.tasks
+                self.journal.note("kill", tasks=[[x.pid, x.starttime] for x in tasks])
                 # Delivered once thawed, or at once: the v2 freezer lets SIGKILL through, and
                 # an init that dies takes its PID namespace along.
-                for x in self.tasks:
+                for x in tasks:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(x.pid, signal.SIGKILL)
         finally:
@@ -297,17 +318,23 @@ class _Checkpoint:
         """CRIU's query-ext-files: the tree is stopped and no file is dumped yet. Scan it
         again (it may have changed before the freeze) and name the unlinked files fscr
         relinks, which CRIU then leaves out of the image."""
-        with self.t.stage("scan"):
-            self.tasks = descendants(self.root)
-            self.preflight(self.tasks)
-            self.unlinked = self.unlinked_files(self.tasks)
+        self.captured = self.scan()
         if not self.report.needs <= self.asked:
             # CRIU was started with what the tree needed before the freeze (a terminal, file
             # locks, ...); a need that appeared since would fail its dump: start over.
             raise Raced(f"the tree changed before the freeze (it now needs "
                         f"{', '.join(sorted(self.report.needs - self.asked))}); try again")
         self.watchdog_ok()
-        return list(self.unlinked)
+        return list(self.captured.unlinked)
+
+    def scan(self) -> Captured:
+        """The tree as CRIU holds it stopped: its tasks (the preflight run again on them) and
+        the unlinked files to relink. The relinks and the network lock are added later."""
+        with self.t.stage("scan"):
+            tasks = descendants(self.root)
+            self.preflight(tasks)
+            unlinked, left_to_criu = self.unlinked_files(tasks)
+        return Captured(tasks=tasks, unlinked=unlinked, left_to_criu=left_to_criu)
 
     def dumped(self) -> None:
         """CRIU's post-dump: the images are written and every task still stopped. A file
@@ -316,13 +343,13 @@ class _Checkpoint:
         with self.t.stage("ghost check"):
             copied = [p for p in self.backend.copied_unlinked(self.store.images(self.id),
                                                               self.volumes)
-                      if p not in self.left_to_criu]
+                      if p not in self.captured.left_to_criu]
         if copied:
             raise Raced(f"CRIU copied {len(copied)} unlinked file(s) into the image "
                         f"({', '.join(copied[:3])}): the tree changed while fscr scanned "
                         "it; try again")
         try:
-            self.relinks = self.relink(self.unlinked)
+            self.captured.relinks = self.relink(self.captured.unlinked)
             self.watchdog_ok()
             with self.t.stage("snapshot"):
                 for n, vol in enumerate(self.volumes):
@@ -378,9 +405,10 @@ class _Checkpoint:
         if why is not None:
             raise FreezeTimeout(f"checkpoint aborted: {why}; the tree was thawed")
 
-    def unlinked_files(self, tasks: list[Task]) -> dict[str, OpenFile]:
+    def unlinked_files(self, tasks: list[Task]) -> tuple[dict[str, OpenFile], set[str]]:
         """Unlinked-but-open files on the volumes, one per inode (CRIU's external key), to
-        relink. Not one an inotify or fanotify watch is on, with no link left: CRIU copies
+        relink, and the paths of those left to CRIU (the ghost check expects them in the
+        image). Not one an inotify or fanotify watch is on, with no link left: CRIU copies
         that one into the image (a ghost file) and puts the watch back on its copy; on
         fscr's relinked copy, CRIU would look for the watched inode by its file handle, in
         the subvolume the restore swapped out."""
@@ -388,13 +416,13 @@ class _Checkpoint:
         watches = set().union(*(watched(t.pid) for t in tasks))
         sb = {m.id: m.dev for m in mount_table()} if watches else {}
         unlinked: dict[str, OpenFile] = {}
-        self.left_to_criu: set[str] = set()  # the ghost check expects these in the image
+        left_to_criu: set[str] = set()
         for task in tasks:
             for f in open_files(task.pid):
                 if not f.deleted or f.dev not in devs:
                     continue
                 if f.nlink == 0 and (*sb.get(f.mnt_id, (-1, -1)), f.ino) in watches:
-                    self.left_to_criu.add(f.path)
+                    left_to_criu.add(f.path)
                     continue
                 unlinked.setdefault(f.external_key, f)
         if os.environ.get(SCAN_MISSES_ENV):  # test facility (docs/testing.md): a raced scan
@@ -403,7 +431,7 @@ class _Checkpoint:
             raise Refused(
                 f"the tree holds {len(unlinked)} unlinked-but-open file(s) on the volumes "
                 "and --snapshot none has nothing to keep their data: use --snapshot btrfs")
-        return unlinked
+        return unlinked, left_to_criu
 
     def relink(self, unlinked: dict[str, OpenFile]) -> list[Relink]:
         devs = {os.stat(v).st_dev: v for v in self.volumes}
@@ -422,7 +450,7 @@ class _Checkpoint:
             # CRIU says nothing while it writes: the image directory's growth is the progress.
             shown = self.t.progress if self.backend.writes_image else quiet
             with watching(shown, "images written", self.store.images(self.id)):
-                self.netlock = self.backend.dump(DumpRequest(
+                self.captured.netlock = self.backend.dump(DumpRequest(
                     root_pid=self.root, images=self.store.images(self.id),
                     log=self.store.dir(self.id) / "criu-dump.log", freeze_cgroup=cg.path,
                     leave_running=self.req.tcp != "established", tcp=self.req.tcp,
@@ -456,7 +484,7 @@ class _Checkpoint:
     def manifest(self, window: float, images: bool = True) -> Manifest:
         """The run's manifest; without `images` (a --tcp established draft, journaled inside
         CRIU's stop) the images are not checksummed: gc does that if it commits the draft."""
-        tasks, cg = self.tasks, self.cg
+        tasks, cg = self.captured.tasks, self.cg
         leaks, unchanged = self.recorded()
         try:
             return records.checked(self._manifest(window, tasks, cg, leaks, unchanged, images))
@@ -489,7 +517,7 @@ class _Checkpoint:
                                 original=self.moved.get(self.root, cg.rel)),
             volumes=[VolumeRecord(n=n, path=str(v), snapshot=s)
                      for n, (v, s) in enumerate(zip(self.volumes, self.snaps, strict=True))],
-            relinks=self.relinks,
+            relinks=self.captured.relinks,
             tcp=self.req.tcp,
             sockets=[SocketRecord(**s.as_dict()) for s in self.report.sockets],
             allowed=sorted(self.req.allow),
@@ -501,7 +529,7 @@ class _Checkpoint:
                 holder=TaskRecord(pid=p.holder.pid, starttime=p.holder.starttime)
                 if p.holder else None),
             pidns=is_pidns_init(self.root),
-            netlock=getattr(self, "netlock", None),
+            netlock=self.captured.netlock,
             images=images,
             image_bytes=sum(i.size for i in images),
             durations=dict(self.t.seconds, freeze_window=round(window, 6)),
