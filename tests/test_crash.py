@@ -80,7 +80,7 @@ def test_the_docs_table_of_journal_events_is_the_journals_own():
     ('{"event": "begin", "op": "checkpoint", "id": "c1", "pid": 7, "starttime": 0}\n'
      '{"event": "teleport", "pid": 7}\n', "unknown event 'teleport'"),
     ('{"event": "begin", "op": "restore", "id": "c1", "pid": 7, "starttime": 0}\n'
-     '{"event": "kill", "pids": [7]}\n', "line 2: kill.tasks"),
+     '{"event": "kill", "pids": [7]}\n', "line 2: kill: Object contains unknown field `pids`"),
 ], ids=["newer version", "unknown event", "wrong payload"])
 def test_gc_leaves_a_journal_it_cannot_read_to_a_human(lines_, why, store):
     """A journal of another format version (a newer fscr's), or with a line that is not an
