@@ -383,7 +383,10 @@ def test_ctrl_c_at_the_terminal_inside_criu_s_stop_undoes_the_run(btrfs_volume, 
     p = subprocess.Popen([str(FSCR), "checkpoint", "--pid", str(pid), "--volume", str(vol),
                           "--id", "intr"], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # its own group, as a terminal's job
+                         start_new_session=True,  # its own group, as a terminal's job
+                         # and ^C not ignored, as in a terminal's job: a suite started in the
+                         # background by a non-interactive shell inherits SIGINT ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         journal = store / "journal"
         wait_for(lambda: journal.exists() and any(
