@@ -148,7 +148,10 @@ def lazy_once(bed: Bed, lazy: bool) -> dict:
             "durations": json.loads(out)["durations"]}
 
 
-def run(runs: int, full: bool) -> dict:
+PARTS = ("stall", "restore", "lazy")
+
+
+def run(runs: int, full: bool, parts: tuple[str, ...] = PARTS) -> dict:
     bed = Bed(Path("/var/tmp/fscr-bench-stall"), 8)
     bed.ctl = bed.root / "ctl"
     bed.ctl.mkdir()
@@ -156,7 +159,7 @@ def run(runs: int, full: bool) -> dict:
     restores: list[dict] = []
     lazy: dict[str, list[dict]] = {"lazy": [], "plain": []}
     try:
-        for name, case in CASES.items():
+        for name, case in CASES.items() if "stall" in parts else ():
             print(f"stall: {name}", file=sys.stderr, flush=True)
             got: dict[str, list[dict]] = {c: [] for c in CONFIGS}
             for _ in range(runs):
@@ -164,7 +167,7 @@ def run(runs: int, full: bool) -> dict:
                     bed.prepare(case)
                     got[config].append(stall_once(bed, config))
             stalls += [{"case": name, "config": c, "runs": r} for c, r in got.items()]
-        for name in RESTORE_CASES:
+        for name in RESTORE_CASES if "restore" in parts else ():
             print(f"restore: {name}", file=sys.stderr, flush=True)
             times: dict[str, list[float]] = {"fscr": [], "criu": []}
             for _ in range(runs):
@@ -173,8 +176,9 @@ def run(runs: int, full: bool) -> dict:
                 bed.prepare(CASES[name])
                 times["criu"].append(run_criu(bed, False, True).restore_s or 0.0)
             restores += [{"case": name, "config": c, "seconds": s} for c, s in times.items()]
-        print("restore --lazy: 1 GB RSS", file=sys.stderr, flush=True)
-        for _ in range(runs if full else max(2, runs - 1)):
+        if "lazy" in parts:
+            print("restore --lazy: 1 GB RSS", file=sys.stderr, flush=True)
+        for _ in range(runs if full else max(2, runs - 1)) if "lazy" in parts else ():
             for kind in ("lazy", "plain"):
                 bed.prepare(CASES["1 GB RSS"])
                 lazy[kind].append(lazy_once(bed, kind == "lazy"))
@@ -189,13 +193,15 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="more runs (6 unless --runs)")
     ap.add_argument("--runs", type=int, default=None, help="runs per configuration")
     ap.add_argument("--out", default="results-stall", help="results directory")
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="run only this part (repeatable; default: all)")
     args = ap.parse_args()
     runs = args.runs or (6 if args.full else 3)
     started = time.monotonic()
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     compileall.compile_dir(Path(fscr.__file__).parent, quiet=1)  # as installed (see bench)
-    report = run(runs, args.full)
+    report = run(runs, args.full, tuple(args.only or PARTS))
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
