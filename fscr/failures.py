@@ -72,11 +72,13 @@ def keep(store_root: Path, ckpt_id: str, op: str, logs: list[Path], journal: Pat
                 os.replace(log, d / log.name)
         if journal is not None and journal.is_file():
             shutil.copyfile(journal, d / "journal.jsonl", follow_symlinks=False)
-        rec = Attempt(id=ckpt_id, op=op, when=now, error=str(error)[:8192],  # type: ignore[arg-type]
-                      cause=error.cause[:8192], hint=error.hint, request=request)
+        rec = records.checked(Attempt(id=ckpt_id, op=op, when=now, error=str(error)[:8192],
+                                      cause=error.cause[:8192],
+                                      hint=error.hint[:8192] if error.hint else None,
+                                      request=request))
         write_atomic(d / "attempt.json", records.encode(rec, indent=2) + b"\n")
         return d
-    except OSError:
+    except (OSError, records.Invalid):
         return None
 
 

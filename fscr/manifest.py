@@ -52,7 +52,10 @@ class Record(records.Record):
         for name in self.__struct_fields__:
             v = getattr(self, name)
             if not isinstance(v, records.Struct):  # nested records check their own strings
-                recordable(v)
+                try:
+                    recordable(v)
+                except ValueError as e:
+                    raise ValueError(f"{name} {e}") from None
 
 
 def describe(text: str, limit: int = 4096) -> str:

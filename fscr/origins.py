@@ -17,12 +17,14 @@ record of another machine (a copied store) neither tasks nor cgroups. Lineage fi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
 from . import records
+from .errors import Refused
 from .fsutil import write_atomic
 from .manifest import Manifest
 from .names import ID_PATTERN
@@ -56,10 +58,13 @@ class Lineage(Record, kw_only=True):
 
 @cache
 def machine_id() -> str:
+    """/etc/machine-id (32 hex digits; a digest of it if it holds something else)."""
     try:
-        return Path("/etc/machine-id").read_text().strip()
+        raw = Path("/etc/machine-id").read_bytes().strip()
     except OSError:
         return "unknown"
+    text = raw.decode("ascii", "replace")
+    return text if 0 < len(text) <= 64 and text.isalnum() else hashlib.sha256(raw).hexdigest()
 
 
 @cache
@@ -77,8 +82,12 @@ def record(store_root: Path, ckpt_id: str, lineage: tuple[int, int], cgroup: Cgr
            tasks: list[tuple[int, int]]) -> None:
     """Record what this host knows of checkpoint `ckpt_id`: made here (the tasks dumped), or
     received and restored here (no task: none of them ran here)."""
-    rec = Origin(id=ckpt_id, machine=machine_id(), boot=boot_id(), lineage=lineage,
-                 cgroup=cgroup, tasks=tasks)
+    try:
+        rec = records.checked(Origin(id=ckpt_id, machine=machine_id(), boot=boot_id(),
+                                     lineage=lineage, cgroup=cgroup, tasks=tasks))
+    except records.Invalid as e:  # a record nobody could read back would name nothing
+        raise Refused(f"checkpoint {ckpt_id} cannot be recorded on this host: "
+                      f"{records.why(e)[1]}") from None
     write_atomic(_dir(store_root, "origins") / f"{ckpt_id}.json", records.encode(rec))
 
 

@@ -59,11 +59,13 @@ def replace(rec: T, **changes: Any) -> T:
 
 
 def checked(rec: T) -> T:
-    """`rec`, made in Python, validated as if it had been read back; raises Invalid."""
+    """`rec`, made in Python, validated by writing and reading it back; raises Invalid."""
     try:
-        return msgspec.convert(msgspec.to_builtins(rec), type=type(rec), strict=True)
-    except UnicodeEncodeError as e:  # a str that no JSON can hold
-        raise msgspec.ValidationError(f"is not UTF-8: {e.object[:80]!r}") from None
+        raw = msgspec.json.encode(rec)
+    except UnicodeEncodeError as e:  # a str no JSON can hold (a name that is not UTF-8)
+        bad = e.object[e.start:e.end] if isinstance(e.object, str) else ""
+        raise msgspec.ValidationError(f"a string is not UTF-8 (at {bad!r})") from None
+    return msgspec.json.decode(raw, type=type(rec), strict=True)
 
 
 _AT = re.compile(r" - at `\$(.*)`$")

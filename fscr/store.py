@@ -105,7 +105,11 @@ class Store:
     def commit(self, m: Manifest) -> str:
         """Write the manifest, then its digest: from then on the checkpoint is listed."""
         d = self.dir(m.id)
-        raw = m.to_bytes()
+        try:  # as the next load will read it: a record that cannot be read is never written
+            raw = records.checked(m).to_bytes()
+        except (records.Invalid, ValueError) as e:
+            what = records.why(e)[1] if isinstance(e, records.Invalid) else str(e)
+            raise BadManifest(f"checkpoint {m.id} cannot be recorded: {what}") from None
         write_atomic(d / "manifest.json", raw)
         dg = digest(raw)
         write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
@@ -167,7 +171,11 @@ class Store:
             if p.stat().st_size != img.size:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (size)")
         chosen = [img for img in m.images if which is None or which(img.name)]
-        digests = sha256_files([images / img.name for img in chosen], advance)
+        try:
+            digests = sha256_files([images / img.name for img in chosen], advance)
+        except OSError as e:  # a failing disk: the image cannot be trusted either
+            raise BadManifest(f"checkpoint {m.id}: an image cannot be read "
+                              f"({e.strerror or e})") from None
         for img, got in zip(chosen, digests, strict=True):
             if got != img.sha256:
                 raise BadManifest(f"checkpoint {m.id}: image {img.name} is corrupt (sha256)")

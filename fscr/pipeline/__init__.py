@@ -12,31 +12,22 @@ restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a m
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
 """
 
-from importlib import import_module
 from typing import Any
 
 from ..errors import require_root
+from .checkpoint import CheckpointRequest, check, checkpoint
 from .common import Progress, quiet
 from .delete import delete
 from .restore import RestoreResult, finish_restore, restore
 
-# Loaded on first use: a restore's start-up is its wall time, and it does without the
-# checkpoint's modules (watchdog, scanners, relinking) and restore --beside's (copies.py).
-_LATER = {"CheckpointRequest": "checkpoint", "check": "checkpoint", "checkpoint": "checkpoint",
-          "finish_beside": "beside", "restore_beside": "beside"}
-
 
 def __getattr__(name: str) -> Any:
-    home = _LATER.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = import_module(f".{home}", __name__)
-    # Importing .checkpoint binds the submodule to this package's `checkpoint`: the
-    # function must take its place, as an eager `from .checkpoint import checkpoint` did.
-    for n, h in _LATER.items():
-        if h == home:
-            globals()[n] = getattr(module, n)
-    return globals()[name]
+    # restore --beside loads on use: it brings copies.py and its models, which every other
+    # command (a plain restore above all, whose start-up is its wall time) does without.
+    if name in ("finish_beside", "restore_beside"):
+        from . import beside
+        return getattr(beside, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",

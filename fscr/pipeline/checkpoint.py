@@ -538,5 +538,7 @@ class _Checkpoint:
 
 
 def _first(e: Exception) -> str:
-    where, what = records.why(e) if isinstance(e, records.Invalid) else ("(top)", str(e))
+    if not isinstance(e, records.Invalid):
+        return str(e)  # from a record's own check, naming its field
+    where, what = records.why(e)
     return f"{where} {what}"

@@ -5,7 +5,6 @@ fscr died after CRIU restored the tree (as beside.py's finish_beside is for a co
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import time
@@ -83,6 +82,10 @@ def restore(ckpt_id: str, store_dir: str | None = None, replace: bool = False,
         return run.execute(replace, force, volumes_only)
 
 
+class _CorruptPages(BadManifest):
+    """A page image failed its checksum while CRIU restored the tree (none of it ran)."""
+
+
 @dataclass
 class _Restore:
     store: Store
@@ -130,10 +133,11 @@ class _Restore:
                 self.provider.undo(sw.volume, sw.rescue, sw.copy)
             if isinstance(e, CriuFailed):
                 e = self.keep_failure(e, replace=replace, volumes_only=volumes_only)
-            with contextlib.suppress(FscrError):  # CRIU failed first: its error is the one
-                self.pages_verified()
+            # Page images still being checksummed: nothing waits for them any more (CRIU
+            # failed first, and its error is the one); the thread ends on its own.
+            self.pages = None
             self.journal.close()
-            if isinstance(e, BadManifest):  # a page image, found corrupt at post-restore
+            if isinstance(e, _CorruptPages):
                 raise BadManifest(f"{e}: nothing was restored and the volumes were put back "
                                   "as they were") from None
             if isinstance(e, PagesCorrupt):
@@ -174,7 +178,9 @@ class _Restore:
         big process's image) are raw data CRIU parses nothing of: a lazy restore verifies
         them while the tree runs, a plain one while CRIU restores it, before any of it runs
         (pages_verified), unless a live tree is to be killed first."""
-        later = processes and not self.lazy  # page images verified while CRIU restores
+        # Page images verified while CRIU restores, unless the swap cannot be undone without
+        # losing the checkpoint: an LVM --rollback merges its snapshot away.
+        later = processes and not self.lazy and not self.rollback
         verified = verify_in_background(self.store, self.m, self.t.progress,
                                         (lambda n: not lazy.is_page_image(n))
                                         if self.lazy or later else None)
@@ -194,10 +200,13 @@ class _Restore:
 
     def pages_verified(self) -> None:
         """Wait for the page images' checksums, if they are still being computed; raises
-        BadManifest for a corrupt one (at CRIU's post-restore, CRIU then kills the tree)."""
+        _CorruptPages for a corrupt one (at CRIU's post-restore: CRIU then kills the tree)."""
         wait, self.pages = self.pages, None
         if wait is not None:
-            wait()
+            try:
+                wait()
+            except BadManifest as e:
+                raise _CorruptPages(str(e)) from None
 
     def validate_tree(self, processes: bool, replace: bool, force: bool) -> list[Task]:
         self.check_sources(processes)
