@@ -66,20 +66,22 @@ def in_background(fn: Callable[..., None], *args: object) -> Callable[[], None]:
 
 
 def verify_in_background(store: Store, m: Manifest, progress: Progress,
-                         which: Callable[[str], bool] | None = None) -> Callable[[], None]:
+                         which: Callable[[str], bool] | None = None,
+                         what: str = "checksum") -> Callable[[], None]:
     """The images' checksums (of those `which` selects by name, default all), on another
-    core, with a meter: the returned function waits for them and raises what the check
-    raised (BadManifest for a corrupt image)."""
+    core, with a meter named `what`: the returned function waits for them and raises what
+    the check raised (BadManifest for a corrupt image)."""
     chosen = [i for i in m.images if which is None or which(i.name)]
-    shown = meter(progress, "checksum", sum(i.size for i in chosen)) if chosen else None
-    wait = in_background(store.verify_images, m, shown.advance if shown else None, which)
+    shown = meter(progress, what, sum(i.size for i in chosen)) if chosen else None
 
-    def done() -> None:
+    def verify() -> None:
+        # The meter ends with the hashing, not when it is waited for (a restore waits for
+        # the page images only at CRIU's post-restore): its time and rate are the hashing's.
         ok = False
         try:
-            wait()
+            store.verify_images(m, shown.advance if shown else None, which)
             ok = True
         finally:
             if shown is not None:
                 shown.finish(ok)
-    return done
+    return in_background(verify)

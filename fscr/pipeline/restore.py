@@ -186,7 +186,7 @@ class _Restore:
                                         if self.lazy or later else None)
         if later:
             self.pages = verify_in_background(self.store, self.m, self.t.progress,
-                                              lazy.is_page_image)
+                                              lazy.is_page_image, "checksum of the memory")
         try:
             live = self.validate_tree(processes, replace, force)
         except BaseException:
@@ -345,7 +345,8 @@ class _Restore:
         the tree and raise PagesCorrupt), then wait for the daemon to hand over the rest."""
         with self.t.stage("verify pages"):
             try:
-                verify_in_background(self.store, self.m, self.t.progress, lazy.is_page_image)()
+                verify_in_background(self.store, self.m, self.t.progress, lazy.is_page_image,
+                                     "checksum of the memory")()
             except BadManifest as e:
                 lazy.kill_tree(pid)
                 raise PagesCorrupt(str(e)) from None
