@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -188,6 +189,23 @@ def _finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     return out or b"", err or b""
 
 
+def _stream_into(proc: subprocess.Popen[bytes], ckpt_id: str, store_dir: str | None,
+                 stop: Callable[[], None], parent: str | None = None) -> tuple[int, bytes]:
+    """Send checkpoint `ckpt_id` into `proc` (a far receive, restic) and wait for it: the
+    bytes sent and its stderr. A reader that stopped reading says why itself (its exit code
+    and stderr); interrupted here, `stop` makes it give up what it got before it is reaped."""
+    sent = 0
+    try:
+        sent = transfer.send(ckpt_id, proc.stdin, parent=parent, store_dir=store_dir).bytes
+    except BrokenPipeError:
+        pass
+    except BaseException:
+        stop()
+        _finish(proc)
+        raise
+    return sent, _finish(proc)[1]
+
+
 def last_line(stderr: str | bytes) -> str:
     if isinstance(stderr, bytes):
         stderr = stderr.decode(errors="replace")
@@ -212,16 +230,8 @@ def _to_ssh(d: SshDestination, job: str, ckpt_id: str, store_dir: str | None,
         r.mode = "incremental" if r.parent else "full"
         proc = subprocess.Popen(ssh_argv(d, "receive", "--json"), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            sent = transfer.send(ckpt_id, proc.stdin, parent=r.parent, store_dir=store_dir)
-            r.bytes = sent.bytes
-        except BrokenPipeError:
-            pass  # the far side stopped reading: its own error says why
-        except BaseException:
-            proc.kill()  # the far receive sees a truncated stream and removes what came
-            _finish(proc)
-            raise
-        _, err = _finish(proc)
+        # Interrupted, the far receive sees a truncated stream and removes what came.
+        r.bytes, err = _stream_into(proc, ckpt_id, store_dir, proc.kill, r.parent)
         if proc.returncode != 0:
             raise FscrError(f"receive on {d.host} failed: {last_line(err)}")
         r.status = "sent"
@@ -271,17 +281,10 @@ def _to_restic(d: ResticDestination, job: str, ckpt_id: str, job_policy: Policy,
          stream_path(job, ckpt_id)[1:], "--tag", f"fscr-job={job}", "--tag",
          f"fscr-id={ckpt_id}"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        r.bytes = transfer.send(ckpt_id, proc.stdin, store_dir=store_dir).bytes
-    except BrokenPipeError:
-        pass
-    except BaseException:
-        # restic writes the snapshot on end of input only: interrupted, it writes none (and
-        # removes its lock); the packs it uploaded are unreferenced until `restic prune`.
-        proc.send_signal(signal.SIGINT)
-        _finish(proc)
-        raise
-    _, err = _finish(proc)
+    # restic writes the snapshot on end of input only: interrupted (SIGINT), it writes none
+    # (and removes its lock); the packs it uploaded are unreferenced until `restic prune`.
+    r.bytes, err = _stream_into(proc, ckpt_id, store_dir,
+                                lambda: proc.send_signal(signal.SIGINT))
     if proc.returncode != 0:
         raise FscrError(f"restic backup to {d.repository} failed: {last_line(err)}")
     r.status = "sent"
