@@ -33,7 +33,6 @@ class CopyVolume(Record):
 # kw_only: `version` comes first in the record (and in `fscr list --json`) but has a default.
 class Copy(Record, kw_only=True):
     version: Literal[1] = 1
-    # \Z, not $: Python's $ also matches before a final newline (pydantic's did not).
     name: Annotated[str, Meta(pattern=rf"^{COPY_PATTERN}\Z")]
     id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
     kind: Literal["btrfs"]

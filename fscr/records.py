@@ -3,9 +3,11 @@ programs' reports): one schema library for all of them, msgspec.
 
 Each record is a frozen msgspec Struct whose fields are typed and constrained (`Meta`);
 `decode` (JSON) and `convert` (objects from TOML or a journal line) are strict: no extra
-field, no coercion (a string is never taken for a number), every constraint checked. A
-Struct built in Python is not checked by msgspec; `checked` validates one that fscr made
-itself before it is written (a path that is not UTF-8, a description too long).
+field, no coercion (a string is never taken for a number), every constraint checked.
+Patterns (`Meta(pattern=...)`) are matched with Python's re.search: anchor them with ^ and
+backslash-Z, never $, which also matches before a final newline. A Struct built in Python is
+not checked by msgspec; `checked` validates one that fscr made itself before it is written
+(a path that is not UTF-8, a description too long).
 
 msgspec, not pydantic: a restore's start-up is its wall time (docs/benchmarks.md), and
 msgspec imports and builds these types in a few milliseconds where pydantic took ~90 ms.

@@ -55,7 +55,7 @@ class _Dest(Record, tag_field="kind"):
 
 
 class SshDestination(_Dest, tag="ssh"):
-    # Never an ssh option; \Z, not $: Python's $ also matches before a final newline.
+    # Never an ssh option.
     host: Annotated[str, Meta(min_length=1, pattern=r"^[^-\s]\S*\Z")]
     store: str | None = None
     ssh_config: str | None = None

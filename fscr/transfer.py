@@ -130,7 +130,6 @@ class ManifestHeader(_Header, tag="manifest"):
     pass
 
 
-# \Z, not $: Python's $ also matches before a final newline.
 class ImageHeader(_Header, tag="image"):
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]
 

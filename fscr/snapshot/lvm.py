@@ -120,7 +120,6 @@ class _Row(Struct, frozen=True):
         return records.convert(row, cls)
 
 
-# \Z, not $: Python's $ also matches before a final newline.
 LvmName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")]
 
 
