@@ -43,7 +43,11 @@ def _criu() -> Row:
     found = criu.find()
     if found.path is None:
         return Row("criu", False, True, f"not found: {found.why}")
-    ver = ".".join(map(str, found.version or ()))
+    version = criu.version_of(found.path)
+    ver = criu.shown(version)
+    if version is None or version < criu.MIN_VERSION:
+        return Row("criu", False, True, f"{found.path} {ver} ({found.why}): fscr needs CRIU "
+                   ">= 4.2.1; run scripts/setup")
     check = subprocess.run([found.path, "check"], capture_output=True, text=True)
     out = (check.stdout + check.stderr).strip()
     if check.returncode != 0 or "Looks good" not in out:

@@ -638,3 +638,37 @@ def test_damaged_lineage_and_origin_records_name_nothing(btrfs_volume, workloads
     origin.write_bytes(kept)
     r = json.loads(fscr("restore", m["id"], "--replace", "--json", store=store).stdout)
     assert r["pid"] == pid and alive(pid)
+
+
+# Debian 12's own CRIU (3.17), unpacked by scripts/setup: what a server has before fscr's build.
+DEBIAN_CRIU = Path(os.environ.get("FSCR_CACHE", "/var/cache/fscr")) / "criu-debian/usr/sbin/criu"
+
+
+@pytest.mark.skipif(not DEBIAN_CRIU.exists(),
+                    reason=f"{DEBIAN_CRIU} missing: scripts/setup could not fetch Debian's CRIU")
+def test_a_criu_older_than_4_2_1_is_one_line_and_changes_nothing(btrfs_volume, workloads, store):
+    """The version is asked of the CRIU a run starts (over RPC, not by an exec of `criu
+    --version`): too old, the checkpoint stops before the freeze and the restore swaps the
+    volume back."""
+    old = {"FSCR_CRIU": str(DEBIAN_CRIU)}
+    vol = btrfs_volume.path
+    pid, _ = workloads.start("counter", str(vol))
+    grows(vol / "history", 3)
+    too_old = f"{DEBIAN_CRIU} is CRIU 3.17.1: fscr needs >= 4.2.1"
+    one_line(fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), store=store,
+                  check=False, env=old), 11, too_old)
+    n = len(grows(vol / "history", 3))
+    grows(vol / "history", n)  # not left frozen
+    assert os.listdir(store / "checkpoints") == [] and not relinks_on(vol)
+    doctor = json.loads(fscr("doctor", "--json", check=False, env=old).stdout)
+    assert "fscr needs CRIU >= 4.2.1" in {r["name"]: r for r in doctor["checks"]}["criu"]["detail"]
+
+    m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
+    wait_for(lambda: not alive(pid), 5, "the tree to be killed")
+    (vol / "after-the-kill").write_text("kept")
+    # Found once the volumes are swapped in (CRIU is started after they are): put back, 13.
+    one_line(fscr("restore", m["id"], store=store, check=False, env=old), 13, too_old)
+    assert (vol / "after-the-kill").read_text() == "kept" and not alive(pid)
+    r = json.loads(fscr("restore", m["id"], "--json", store=store).stdout)
+    assert r["pid"] == pid
+    grows(vol / "history", n)

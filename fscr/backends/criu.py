@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import array
 import errno
-import functools
 import importlib.util
 import os
 import re
@@ -43,50 +42,37 @@ OWN_PREFIX = "/opt/fscr/criu-4.2.1"
 @dataclass(frozen=True)
 class Found:
     path: str | None
-    version: tuple[int, ...] | None
     why: str  # how it was chosen, or why none was
 
 
 def version_of(path: str) -> tuple[int, ...] | None:
-    """CRIU's version, asked once per binary (path, inode, mtime) and process: a run of
-    `criu --version` costs ~10 ms, and the dump asks again inside the frozen window."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _version_of(path, st.st_ino, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _version_of(path: str, _ino: int, _mtime_ns: int) -> tuple[int, ...] | None:
+    """`criu --version` of a binary (doctor's report). A run does not ask it this way: the
+    exec costs ~6-10 ms of every command; the CRIU a run starts says it over RPC (Swrk)."""
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"Version:\s*([0-9][0-9.]*)", out)
     return tuple(int(x) for x in m.group(1).strip(".").split(".")) if m else None
 
 
+def shown(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version)) if version else "unknown"
+
+
 def find() -> Found:
-    """CRIU in this order: $FSCR_CRIU, fscr's own versioned prefix, PATH; >= 4.2.1 required."""
+    """CRIU in this order: $FSCR_CRIU, fscr's own versioned prefix, PATH; the first that
+    exists is used, and must be >= 4.2.1 (asked when a run starts it)."""
     env = os.environ.get("FSCR_CRIU")
     if env:
         candidates = [(env, "from FSCR_CRIU")]
     else:
         own = os.environ.get("FSCR_CRIU_PREFIX", OWN_PREFIX) + "/sbin/criu"
         candidates = [(own, "fscr's own build"), (shutil.which("criu"), "from PATH")]
-    tried = []
     for path, how in candidates:
-        if not path or not os.access(path, os.X_OK):
-            tried.append(f"{path or 'criu on PATH'}: not found")
-            continue
-        ver = version_of(path)
-        if ver is None or ver < MIN_VERSION:
-            shown = ".".join(map(str, ver)) if ver else "unknown"
-            tried.append(f"{path}: version {shown} < 4.2.1")
-            continue
-        return Found(path, ver, how)
-    return Found(None, None, "; ".join(tried))
+        if path and os.access(path, os.X_OK):
+            return Found(path, how)
+    return Found(None, "; ".join(f"{path or 'criu on PATH'}: not found" for path, _ in candidates))
 
 
 def require() -> str:
@@ -136,13 +122,14 @@ class Swrk:
                  pass_fds: tuple[int, ...] = (), binds: tuple[tuple[str, str], ...] = (),
                  own_group: bool = False):
         self.what, self.log = what, log
+        path = require()
         self.sk, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # CRIU says little on stderr (its log is the log file); a file, not a pipe, so
         # nothing blocks if it does say more.
         self.stderr = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
-                [require(), "swrk", str(theirs.fileno())], stdin=subprocess.DEVNULL,
+                [path, "swrk", str(theirs.fileno())], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=self.stderr,
                 pass_fds=(theirs.fileno(), *pass_fds),
                 # own_group (dumps): a ^C or SIGHUP at the terminal reaches fscr alone, which
@@ -157,6 +144,27 @@ class Swrk:
             raise CriuFailed(what, f"cannot start CRIU: {e}") from None
         finally:
             theirs.close()
+        try:
+            self._check_version(path)
+        except BaseException:
+            self.proc.kill()
+            self.close()
+            raise
+
+    def _check_version(self, path: str) -> None:
+        """Asked of the CRIU just started, which then waits for the run's own request
+        (keep_open): no exec of `criu --version` in every command (~6-10 ms)."""
+        pb = rpc()
+        self.send(pb.criu_req(type=pb.VERSION, keep_open=True))
+        resp = self.recv()
+        if not resp.success or not resp.HasField("version"):
+            raise MissingDependency(f"{path} does not tell its version over RPC: CRIU >= 4.2.1 "
+                                    "is required; run scripts/setup")
+        v = resp.version
+        version = (v.major_number, v.minor_number, v.sublevel)
+        if version < MIN_VERSION:
+            raise MissingDependency(f"{path} is CRIU {shown(version)}: fscr needs >= 4.2.1; "
+                                    "run scripts/setup")
 
     def send(self, req: Any) -> None:
         try:
