@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 
 from . import locks, names, pipeline, preflight, records, replicate, retention
 from .errors import BadInput, Busy, FscrError
+from .pipeline.checkpoint import CheckpointRequest, checkpoint
 from .process.target import Target
 from .records import Meta, Record
 from .retention import Policy
@@ -176,7 +177,7 @@ def run(job: Job, now: datetime | None = None,
     report = RunReport(job.name, "failed")
     try:
         with locks.hold([locks.backup_job_lock(job.name)], wait=0):
-            m = pipeline.checkpoint(pipeline.CheckpointRequest(
+            m = checkpoint(CheckpointRequest(
                 target=_target(job), volumes=job.snapshot.volumes, snapshot=job.snapshot.kind,
                 lvm_size=job.snapshot.lvm_size,
                 backend=job.backend.kind, tcp=job.tcp, allow=frozenset(job.allow),

@@ -234,14 +234,14 @@ def target_opts(f: Callable) -> Callable:
 def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_running, tcp,
                allow, ckpt_id, max_freeze, store, as_json, quiet) -> None:  # noqa: ANN001
     """Checkpoint a process tree and its volumes at one frozen instant."""
-    from . import pipeline
+    from .pipeline.checkpoint import CheckpointRequest, checkpoint
     notice_unfinished(store)
-    req = pipeline.CheckpointRequest(
+    req = CheckpointRequest(
         target=target_of(pid, cgroup, name), volumes=list(volumes), snapshot=snapshot,
         lvm_size=lvm_size, backend=backend, kill=not leave_running, tcp=tcp,
         allow=parse_allow(allow), id=ckpt_id, store=store, max_freeze=max_freeze)
     with progress_printer(as_json, quiet) as progress:
-        m = pipeline.checkpoint(req, progress)
+        m = checkpoint(req, progress)
     emit(summary(m), as_json, lambda: click.echo(m.id))
 
 
@@ -253,10 +253,10 @@ def checkpoint(pid, cgroup, name, volumes, snapshot, lvm_size, backend, leave_ru
 @json_opt
 def check(pid, cgroup, name, volumes, tcp, allow, store, as_json) -> None:  # noqa: ANN001
     """Run only the preflight: what a checkpoint would face. Exit 15 if it would refuse."""
-    from . import pipeline
-    req = pipeline.CheckpointRequest(target=target_of(pid, cgroup, name), volumes=list(volumes),
-                                     tcp=tcp, allow=parse_allow(allow), store=store)
-    report, refusal = pipeline.check(req)
+    from .pipeline.checkpoint import CheckpointRequest, check
+    req = CheckpointRequest(target=target_of(pid, cgroup, name), volumes=list(volumes),
+                            tcp=tcp, allow=parse_allow(allow), store=store)
+    report, refusal = check(req)
     data = report.as_dict() | {"ok": refusal is None, "refusal": refusal}
 
     def text() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import errors, locks, pipeline, replicate
 from .backup import Job, _target
 from .errors import BadInput, Busy, FscrError
+from .pipeline.checkpoint import CheckpointRequest, checkpoint
 from .replicate import SshDestination
 
 
@@ -60,7 +61,7 @@ def move(job: Job, host: str) -> MoveReport:
 
 
 def _checkpoint(job: Job, kill: bool) -> str:
-    return pipeline.checkpoint(pipeline.CheckpointRequest(
+    return checkpoint(CheckpointRequest(
         target=_target(job), volumes=job.snapshot.volumes, snapshot=job.snapshot.kind,
         lvm_size=job.snapshot.lvm_size, backend=job.backend.kind, tcp=job.tcp,
         allow=frozenset(job.allow), store=job.store, job=job.name, kill=kill)).id

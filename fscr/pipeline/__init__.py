@@ -10,12 +10,14 @@ restore --beside (beside.py): validate -> clone snapshots -> CRIU restore in a m
     namespace with the clones at the volumes' paths -> finish (unlink relinks, record copy)
 
 What a run leaves when it dies anywhere is in its journal; `fscr gc` (gc.py) reads it.
+
+The checkpoint stages are imported from their module (`from fscr.pipeline.checkpoint import
+checkpoint`), not from here: a restore, whose start-up is its wall time, does without them.
 """
 
 from typing import Any
 
 from ..errors import require_root
-from .checkpoint import CheckpointRequest, check, checkpoint
 from .common import Progress, quiet
 from .delete import delete
 from .restore import RestoreResult, finish_restore, restore
@@ -30,6 +32,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CheckpointRequest", "Progress", "RestoreResult", "check", "checkpoint", "delete",
-           "finish_beside", "finish_restore", "quiet", "require_root", "restore",
-           "restore_beside"]
+__all__ = ["Progress", "RestoreResult", "delete", "finish_beside", "finish_restore", "quiet",
+           "require_root", "restore", "restore_beside"]

@@ -6,6 +6,7 @@ v2 is preferred; v1's freezer hierarchy is used where no cgroup2 mount exists.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from ..errors import BadTarget, MissingDependency
 from ..fsutil import mounts
 
 
+# The cgroup mounts are looked up once per process: they do not move under a running fscr,
+# and a restore asks for the cgroups of a dozen PIDs, each a parse of /proc/self/mountinfo
+# (thousands of lines on a host with containers).
+@functools.cache
 def v2_root() -> Path | None:
     for fstype, mnt, _ in mounts():
         if fstype == "cgroup2":
@@ -22,6 +27,7 @@ def v2_root() -> Path | None:
     return None
 
 
+@functools.cache
 def v1_freezer_root() -> Path | None:
     for fstype, mnt, sopts in mounts():
         if fstype == "cgroup" and "freezer" in sopts.split(","):
