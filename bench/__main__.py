@@ -209,9 +209,11 @@ def reap() -> None:
         pass
 
 
-def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
+def run_criu(bed: Bed, tar: bool, restore: bool, over_rpc: bool = False) -> Result:
     """CRIU on the same frozen cgroup, the way one would use it alone: unlinked files as
-    ghost files, and (criu+tar) the volume's data copied out while frozen."""
+    ghost files, and (criu+tar) the volume's data copied out while frozen. The restore is
+    `criu restore -d`, or (over_rpc) the least a Python command driving CRIU's RPC costs
+    (rpc_floor.py)."""
     criu = find_criu()
     images = bed.root / "criu-images"
     shutil.rmtree(images, ignore_errors=True)
@@ -233,9 +235,11 @@ def run_criu(bed: Bed, tar: bool, restore: bool) -> Result:
     res = Result(Case(), "criu+tar" if tar else "criu", freeze, freeze, du(images))
     if restore:
         wait_pids_free(image_pids(images))  # CRIU needs the PIDs free
+        argv = ([sys.executable, str(Path(__file__).with_name("rpc_floor.py")), criu,
+                 str(images)] if over_rpc else
+                [criu, "restore", "-D", str(images), "-o", "restore.log", "--restore-detached"])
         t0 = time.monotonic()
-        out = subprocess.run([criu, "restore", "-D", str(images), "-o", "restore.log",
-                              "--restore-detached"], capture_output=True)
+        out = subprocess.run(argv, capture_output=True)
         if out.returncode != 0:
             log = (images / "restore.log").read_text(errors="replace").splitlines()
             raise RuntimeError("criu restore failed: " + " | ".join(

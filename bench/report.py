@@ -196,6 +196,12 @@ def stall_targets(report: dict) -> list[str]:
     if f is not None and c is not None:
         out.append(f"restore, 64 MB process: fscr {f / c:.2f}x criu restore -d "
                    f"({f * 1000:.0f} vs {c * 1000:.0f} ms; at most 1.3x: {verdict(f / c <= 1.3)})")
+    for case in ("tiny", "64 MB RSS"):
+        p, c = restore(case, "python rpc floor"), restore(case, "criu")
+        if p is not None and c is not None:
+            out.append(f"floor, {case}: a Python command restoring over CRIU's RPC and doing "
+                       f"nothing else takes {p / c:.2f}x criu restore -d ({(p - c) * 1000:+.0f} "
+                       "ms)")
     runs = report["lazy"].get("lazy") or []
     if runs:
         first = _med([x["first_answer_s"] for x in runs])

@@ -15,7 +15,9 @@ reports: the second is the stall the checkpoint caused. Configurations, interlea
 
 Cases: a tiny process (1 MB), 64 MB and 1 GB of RSS, a 1 GB unlinked file (1 MB of RSS).
 Then restores, each timed as a whole command once the dumped PIDs are free: `fscr restore`
-against `criu restore -d`, for the tiny and the 64 MB process; and `fscr restore --lazy` of
+against `criu restore -d` and against the floor of any Python command that restores through
+CRIU's RPC (bench/rpc_floor.py: the interpreter, pycriu's messages, one request, nothing of
+fscr), for the tiny and the 64 MB process; and `fscr restore --lazy` of
 a 1 GB process: the time from the command's start until the restored process answers a
 request (its answer reads pages all over its memory), against a plain `fscr restore`.
 Writes results.json and results.md (bench/report.py: every issue-19 target as a ratio).
@@ -169,12 +171,15 @@ def run(runs: int, full: bool, parts: tuple[str, ...] = PARTS) -> dict:
             stalls += [{"case": name, "config": c, "runs": r} for c, r in got.items()]
         for name in RESTORE_CASES if "restore" in parts else ():
             print(f"restore: {name}", file=sys.stderr, flush=True)
-            times: dict[str, list[float]] = {"fscr": [], "criu": []}
+            times: dict[str, list[float]] = {"fscr": [], "criu": [], "python rpc floor": []}
             for _ in range(runs):
                 bed.prepare(CASES[name])
                 times["fscr"].append(run_fscr(bed, "criu", True).restore_s or 0.0)
                 bed.prepare(CASES[name])
                 times["criu"].append(run_criu(bed, False, True).restore_s or 0.0)
+                bed.prepare(CASES[name])
+                times["python rpc floor"].append(
+                    run_criu(bed, False, True, over_rpc=True).restore_s or 0.0)
             restores += [{"case": name, "config": c, "seconds": s} for c, s in times.items()]
         if "lazy" in parts:
             print("restore --lazy: 1 GB RSS", file=sys.stderr, flush=True)
