@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import fscr
-from fscr.backends.criu import require as find_criu
+from fscr.backends.criu import require
 from fscr.names import FSCR_GROUP
 from fscr.process import freezer
 
@@ -214,7 +214,7 @@ def run_criu(bed: Bed, tar: bool, restore: bool, over_rpc: bool = False) -> Resu
     ghost files, and (criu+tar) the volume's data copied out while frozen. The restore is
     `criu restore -d`, or (over_rpc) the least a Python command driving CRIU's RPC costs
     (rpc_floor.py)."""
-    criu = find_criu()
+    criu = require(version=True)
     images = bed.root / "criu-images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir()

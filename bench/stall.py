@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import fscr
-from fscr.backends.criu import require as find_criu
+from fscr.backends.criu import require
 from fscr.process import freezer
 
 from .__main__ import (
@@ -88,7 +88,7 @@ def criu_dump(bed: Bed, snapshot: bool) -> None:
     images = bed.root / "criu-images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir()
-    argv = [find_criu(), "dump", "-t", str(bed.pid), "-D", str(images), "-o", "dump.log",
+    argv = [require(version=True), "dump", "-t", str(bed.pid), "-D", str(images), "-o", "dump.log",
             "--leave-running", "--freeze-cgroup", str(freezer.cgroup_of(bed.pid).path),
             "--ghost-limit", "2G"]
     env = dict(os.environ)

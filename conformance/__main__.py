@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fscr.backends.criu import require as find_criu
+from fscr.backends.criu import require
 
 from . import zdtm
 from .report import markdown, summary
@@ -92,7 +92,7 @@ def main() -> None:
     if reason := build.missing():
         sys.exit(f"conformance: {reason}")
     names = args.tests.split(",") if args.tests else list(SLICE) if args.slice else None
-    criu = str(find_criu())
+    criu = str(require(version=True))
     tests = zdtm.plan(build, criu, names, args.timeout)
     if args.list:
         for t in tests:

@@ -649,7 +649,7 @@ DEBIAN_CRIU = Path(os.environ.get("FSCR_CACHE", "/var/cache/fscr")) / "criu-debi
 def test_a_criu_older_than_4_2_1_is_one_line_and_changes_nothing(btrfs_volume, workloads, store):
     """The version is asked of the CRIU a run starts (over RPC, not by an exec of `criu
     --version`): too old, the checkpoint stops before the freeze and the restore swaps the
-    volume back."""
+    volume back; a restore --replace asks before it kills the running tree."""
     old = {"FSCR_CRIU": str(DEBIAN_CRIU)}
     vol = btrfs_volume.path
     pid, _ = workloads.start("counter", str(vol))
@@ -657,11 +657,19 @@ def test_a_criu_older_than_4_2_1_is_one_line_and_changes_nothing(btrfs_volume, w
     too_old = f"{DEBIAN_CRIU} is CRIU 3.17.1: fscr needs >= 4.2.1"
     one_line(fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), store=store,
                   check=False, env=old), 11, too_old)
+    one_line(fscr("checkpoint", "--pid", str(pid), "--volume", str(vol), store=store,
+                  check=False, env={"FSCR_CRIU": "/bin/true"}), 11,
+             "/bin/true gave no answer to CRIU's VERSION request")
     n = len(grows(vol / "history", 3))
     grows(vol / "history", n)  # not left frozen
     assert os.listdir(store / "checkpoints") == [] and not relinks_on(vol)
     doctor = json.loads(fscr("doctor", "--json", check=False, env=old).stdout)
     assert "fscr needs CRIU >= 4.2.1" in {r["name"]: r for r in doctor["checks"]}["criu"]["detail"]
+
+    running = checkpoint(store, "--pid", str(pid), "--volume", str(vol))
+    one_line(fscr("restore", running["id"], "--replace", store=store, check=False, env=old), 11,
+             too_old)
+    n = len(grows(vol / "history", n))  # not killed
 
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
     wait_for(lambda: not alive(pid), 5, "the tree to be killed")

@@ -25,7 +25,7 @@ BUILD = zdtm.Build.default()
 @pytest.fixture(scope="module")
 def criu() -> str:
     from fscr.backends.criu import require
-    return str(require())
+    return str(require(version=True))
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,9 @@ class Backend(Protocol):
     name: str
     writes_image: bool
 
-    def check(self) -> None:
-        """Raise MissingDependency unless this backend can run here."""
+    def check(self, version: bool = False) -> None:
+        """Raise MissingDependency unless this backend can run here (`version`: its tool's
+        version too, now rather than when it starts)."""
 
     def dump(self, req: DumpRequest, hooks: DumpHooks) -> str | None:
         """Dump the tree, calling `hooks` in order (see DumpHooks). On failure raise, the

@@ -75,11 +75,22 @@ def find() -> Found:
     return Found(None, "; ".join(f"{path or 'criu on PATH'}: not found" for path, _ in candidates))
 
 
-def require() -> str:
+def require(version: bool = False) -> str:
+    """The CRIU to run. `version`: ask `criu --version` now (an exec, ~6-10 ms) for a caller
+    that cannot wait for the version the started CRIU tells over RPC (Swrk): a restore that
+    kills a running tree or merges an LVM snapshot before CRIU starts, the bench, ZDTM."""
     found = find()
     if found.path is None:
         raise MissingDependency(f"CRIU >= 4.2.1 not found ({found.why}); run scripts/setup")
+    if version:
+        v = version_of(found.path)
+        if v is None or v < MIN_VERSION:
+            raise MissingDependency(_too_old(found.path, v))
     return found.path
+
+
+def _too_old(path: str, version: tuple[int, ...] | None) -> str:
+    return f"{path} is CRIU {shown(version)}: fscr needs >= 4.2.1; run scripts/setup"
 
 
 def rpc() -> ModuleType:
@@ -149,22 +160,29 @@ class Swrk:
         except BaseException:
             self.proc.kill()
             self.close()
+            self.stderr.close()
             raise
 
     def _check_version(self, path: str) -> None:
         """Asked of the CRIU just started, which then waits for the run's own request
         (keep_open): no exec of `criu --version` in every command (~6-10 ms)."""
         pb = rpc()
-        self.send(pb.criu_req(type=pb.VERSION, keep_open=True))
-        resp = self.recv()
+        self.sk.settimeout(10)  # a binary that is no CRIU may never answer
+        try:
+            self.send(pb.criu_req(type=pb.VERSION, keep_open=True))
+            resp = self.recv()
+        except CriuFailed:  # no answer at all: not a CRIU that speaks this RPC
+            said = (self.stderr_text().strip().splitlines() or ["nothing on stderr"])[-1]
+            raise MissingDependency(f"{path} gave no answer to CRIU's VERSION request ({said}): "
+                                    "CRIU >= 4.2.1 is required; run scripts/setup") from None
+        self.sk.settimeout(None)
         if not resp.success or not resp.HasField("version"):
             raise MissingDependency(f"{path} does not tell its version over RPC: CRIU >= 4.2.1 "
                                     "is required; run scripts/setup")
         v = resp.version
         version = (v.major_number, v.minor_number, v.sublevel)
         if version < MIN_VERSION:
-            raise MissingDependency(f"{path} is CRIU {shown(version)}: fscr needs >= 4.2.1; "
-                                    "run scripts/setup")
+            raise MissingDependency(_too_old(path, version))
 
     def send(self, req: Any) -> None:
         try:
@@ -191,6 +209,8 @@ class Swrk:
 
     def gone(self, e: OSError | None) -> CriuFailed:
         """CRIU closed the socket without an answer: it died (or was killed)."""
+        if isinstance(e, TimeoutError):  # asked with a time limit (its version): it hangs
+            self.proc.kill()
         self.close()
         why = explain(self.log, self.stderr_text())
         if why.cause == "CRIU gave no message":
@@ -312,8 +332,8 @@ class Criu:
     name = "criu"
     writes_image = True
 
-    def check(self) -> None:
-        require()
+    def check(self, version: bool = False) -> None:
+        require(version)
         rpc()
 
     def dump(self, req: DumpRequest, hooks: DumpHooks) -> str | None:

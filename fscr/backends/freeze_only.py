@@ -14,7 +14,7 @@ class FreezeOnly:
     name = "freeze-only"
     writes_image = False
 
-    def check(self) -> None:
+    def check(self, version: bool = False) -> None:
         pass
 
     def dump(self, req: DumpRequest, hooks: DumpHooks) -> str | None:

@@ -56,7 +56,7 @@ def _beside(store: Store, m: Manifest, provider: snapshot.Provider, t: Timings) 
     with run.t.stage("validate"):
         verified = verify_in_background(store, m, run.t.progress)
         try:
-            run.check_sources(processes=True)
+            run.check_sources(processes=True, replace=False)
         finally:
             verified()
     name = f"copy_{m.id}_{datetime.now(UTC):%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}"

@@ -209,15 +209,18 @@ class _Restore:
                 raise _CorruptPages(str(e)) from None
 
     def validate_tree(self, processes: bool, replace: bool, force: bool) -> list[Task]:
-        self.check_sources(processes)
+        self.check_sources(processes, replace)
         return self.check_room(processes, replace, force)
 
-    def check_sources(self, processes: bool) -> None:
+    def check_sources(self, processes: bool, replace: bool) -> None:
         """What the restore reads is there and as recorded: CRIU, the snapshots and their
         relinks, the network namespace, the binaries and libraries the tree had open."""
         m = self.m
         if processes:
-            self.backend.check()
+            # CRIU tells its version once started, after the swap; asked now where what comes
+            # before cannot be undone: --replace kills, --rollback merges, --lazy starts CRIU's
+            # lazy-pages daemon first.
+            self.backend.check(version=replace or self.rollback or self.lazy)
         for v in m.volumes:
             try:
                 self.provider.check_restore(Path(v.path), v.snapshot, processes)
