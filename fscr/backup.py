@@ -33,24 +33,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from . import locks, names, pipeline, preflight, records, replicate, retention
+from . import locks, pipeline, preflight, records, replicate, retention
 from .errors import BadInput, Busy, FscrError
 from .pipeline.checkpoint import CheckpointRequest, checkpoint
 from .process.target import Target
-from .records import Meta, Record
+from .records import Id, Meta, PathText, Record
 from .retention import Policy
 from .store import Store
 
-# A path fscr passes to the kernel: never empty; no NUL byte either, which load() checks
-# for every string of a job file (a system call cannot take one).
-PathStr = Annotated[str, Meta(min_length=1, max_length=4096)]
-Name = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}\Z")]  # \Z: $ allows a final "\n"
+# A job's paths (PathText) hold no NUL byte either: load() checks every string of a job file
+# for one (a system call cannot take it).
 
 
 class TargetSection(Record):
-    pid_file: PathStr | None = None
-    cgroup: PathStr | None = None
-    name: Name | None = None  # fscr run --name
+    pid_file: PathText | None = None
+    cgroup: PathText | None = None
+    name: Id | None = None  # fscr run --name
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.pid_file, self.cgroup, self.name)) != 1:
@@ -59,7 +57,7 @@ class TargetSection(Record):
 
 class SnapshotSection(Record, kw_only=True):  # kw_only: a required field after a default
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
-    volumes: Annotated[list[PathStr], Meta(min_length=1)]
+    volumes: Annotated[list[PathText], Meta(min_length=1)]
     lvm_size: str | None = None  # a classic LVM snapshot's size, as --lvm-size
 
     def __post_init__(self) -> None:
@@ -72,8 +70,8 @@ class BackendSection(Record):
 
 
 class Job(Record, kw_only=True):
-    name: Name
-    store: PathStr | None = None
+    name: Id
+    store: PathText | None = None
     tcp: Literal["refuse", "close"] = "refuse"
     allow: list[str] = records.field(default_factory=list)
     target: TargetSection

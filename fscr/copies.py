@@ -18,23 +18,21 @@ from typing import Annotated, Literal
 from . import records, snapshot
 from .errors import FscrError, NoSuchCheckpoint
 from .fsutil import write_atomic
-from .names import COPY_PATTERN, ID_PATTERN, copy_cgroup, copy_path, is_copy
+from .names import COPY_PATTERN, copy_cgroup, copy_path, is_copy
 from .process import freezer
-from .records import Meta, Record
-
-PathStr = Annotated[str, Meta(min_length=1, max_length=4096)]
+from .records import Id, Meta, PathText, Record
 
 
 class CopyVolume(Record):
-    path: PathStr  # the volume, as the copy sees it
-    clone: PathStr  # where it lives on the host
+    path: PathText  # the volume, as the copy sees it
+    clone: PathText  # where it lives on the host
 
 
 # kw_only: `version` comes first in the record (and in `fscr list --json`) but has a default.
 class Copy(Record, kw_only=True):
     version: Literal[1] = 1
     name: Annotated[str, Meta(pattern=rf"^{COPY_PATTERN}\Z")]
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
+    id: Id
     kind: Literal["btrfs"]
     volumes: list[CopyVolume]
     cgroup: Annotated[str, Meta(max_length=4096)]  # as /proc/PID/cgroup shows it

@@ -21,7 +21,7 @@ from . import records
 from .errors import CriuFailed
 from .fsutil import write_atomic
 from .names import ID_PATTERN
-from .records import Meta, Record
+from .records import Id, Meta, Record
 
 KEEP_DAYS = 7
 NAME_PATTERN = rf"{ID_PATTERN}-(checkpoint|restore)-[0-9]{{8}}T[0-9]{{6}}Z(_[0-9]+)?"
@@ -34,7 +34,7 @@ class Attempt(Record, kw_only=True):
     """attempt.json: read back by list and gc, so validated like every record fscr reads."""
 
     version: Literal[1] = 1
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
+    id: Id
     op: Literal["checkpoint", "restore"]
     when: Annotated[datetime, Meta(tz=True)]
     error: Text  # the line fscr printed

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 from . import records
 from .names import ID_PATTERN
 from .process.tree import Task, read_stat
-from .records import Meta, field
+from .records import Id, Meta, field
 
 KILL_AT_ENV = "FSCR_TEST_KILL_AT"
 PAUSE_AT_ENV = "FSCR_TEST_PAUSE_AT"
@@ -60,7 +60,7 @@ class Begin(Payload, forbid_unknown_fields=False, kw_only=True):
 
     v: Literal[1] = 1
     op: Annotated[str, Meta(pattern=r"^[a-z_-]{1,32}\Z")]
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
+    id: Id
     pid: Pid
     starttime: Pid
     volumes: list[Path_] = field(default_factory=list)

@@ -15,15 +15,15 @@ from typing import Annotated, Literal
 
 from . import names, records
 from .errors import BadManifest
-from .records import Meta
+from .records import Id, Meta, PathText
 
 SCHEMA_VERSION = 1
 
-Id = Annotated[str, Meta(pattern=rf"^{names.ID_PATTERN}\Z")]
-AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
 Pid = Annotated[int, Meta(gt=0)]
 Count = Annotated[int, Meta(ge=0)]
 Text = Annotated[str, Meta(max_length=4096)]
+ImageName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]  # also a stream's header
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 
 
 def recordable(v: object) -> None:
@@ -87,7 +87,7 @@ class CgroupRecord(Record):
 
 class VolumeRecord(Record):
     n: Count
-    path: AbsPath
+    path: PathText
     snapshot: str | None  # absolute path of the read-only snapshot; None with --snapshot none
 
     def __post_init__(self) -> None:
@@ -97,9 +97,9 @@ class VolumeRecord(Record):
 
 class Relink(Record):
     n: Count
-    volume: AbsPath
+    volume: PathText
     name: Annotated[str, Meta(pattern=rf"^{names.RELINK_PREFIX}{names.ID_PATTERN}-[0-9]+\Z")]
-    original_path: AbsPath
+    original_path: PathText
     pid: Pid
     fd: Annotated[int, Meta(ge=-1)]  # -1: held by a mapping or as the executable
     kind: Literal["fd", "map", "exe"]
@@ -113,9 +113,9 @@ class Relink(Record):
 
 
 class ImageFile(Record):
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]
+    name: ImageName
     size: Count
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+    sha256: Sha256
 
 
 class SocketRecord(Record):
@@ -142,7 +142,7 @@ class LeakRecord(Record):
 class UnchangedRecord(Record):
     """A read-only file outside the volumes (a binary, a library): verified at restore."""
 
-    path: AbsPath
+    path: PathText
     size: Count
     mtime_ns: Count
 
@@ -152,7 +152,7 @@ class NetnsRecord(Record):
 
     treatment: Literal["host", "external", "own"]
     inode: Count
-    path: AbsPath | None = None
+    path: PathText | None = None
     holder: TaskRecord | None = None
 
     def __post_init__(self) -> None:

@@ -27,8 +27,7 @@ from . import records
 from .errors import Refused
 from .fsutil import write_atomic
 from .manifest import Manifest
-from .names import ID_PATTERN
-from .records import Meta, Record
+from .records import Id, Meta, Record
 
 Pair = tuple[Annotated[int, Meta(gt=0)], Annotated[int, Meta(ge=0)]]  # (PID, start time)
 Short = Annotated[str, Meta(max_length=64)]
@@ -42,7 +41,7 @@ class CgroupOf(Record):
 
 class Origin(Record, kw_only=True):
     version: Literal[1] = 1
-    id: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]
+    id: Id
     machine: Short
     boot: Short
     lineage: Pair

@@ -16,18 +16,25 @@ msgspec imports and builds these types in a few milliseconds where pydantic took
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct, field
 
-__all__ = ["Invalid", "Meta", "Record", "Struct", "checked", "convert", "decode", "encode",
-           "field", "plain", "replace", "why"]
+from .names import ID_PATTERN
+
+__all__ = ["Id", "Invalid", "Meta", "PathText", "Record", "Struct", "checked", "convert",
+           "decode", "encode", "field", "plain", "replace", "why"]
 
 T = TypeVar("T")
 
 # What a failed decode or validation raises (ValidationError is a DecodeError).
 Invalid = msgspec.DecodeError
+
+
+# Field types several records share.
+Id = Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")]  # a checkpoint id; a job's name
+PathText = Annotated[str, Meta(min_length=1, max_length=4096)]  # a path fscr passes on
 
 
 class Record(Struct, frozen=True, forbid_unknown_fields=True):

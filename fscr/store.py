@@ -24,9 +24,9 @@ from typing import Annotated, Literal
 from . import origins, records
 from .errors import BadInput, BadManifest, BadStore, FscrError, NoSuchCheckpoint, require_root
 from .fsutil import private_dir, sha256_files, write_atomic
-from .manifest import AbsPath, ImageFile, Manifest, Record, digest
+from .manifest import ImageFile, Manifest, Record, digest
 from .names import RESCUE_PATTERN, check_id, is_rescue
-from .records import Meta
+from .records import Meta, PathText
 
 DEFAULT = Path("/var/lib/fscr")
 
@@ -42,7 +42,7 @@ class RescueRecord(Record, kw_only=True):
 
     version: Literal[1] = 1
     name: Annotated[str, Meta(pattern=rf"^{RESCUE_PATTERN}\Z")]
-    paths: list[AbsPath]
+    paths: list[PathText]
     kind: Literal["btrfs", "lvm", "none"] = "btrfs"
 
 

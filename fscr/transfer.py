@@ -36,11 +36,11 @@ from typing import Annotated, BinaryIO
 from . import records, snapshot
 from .errors import BadManifest, BadStream, FscrError, MissingParent, NoSpace, Refused
 from .journal import Journal
-from .manifest import Manifest
-from .names import ID_PATTERN, check_id
+from .manifest import ImageName, Manifest, Sha256
+from .names import check_id
 from .pipeline.common import Progress, quiet
 from .progress import Meter, meter
-from .records import Meta, Record
+from .records import Id, Meta, Record
 from .store import Store
 
 MAGIC = b"FSCR-STREAM 1\n"
@@ -131,16 +131,16 @@ class ManifestHeader(_Header, tag="manifest"):
 
 
 class ImageHeader(_Header, tag="image"):
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,255}\Z")]
+    name: ImageName
 
 
 class VolumeHeader(_Header, tag="volume"):
     n: Annotated[int, Meta(ge=0)]
-    parent: Annotated[str, Meta(pattern=rf"^{ID_PATTERN}\Z")] | None
+    parent: Id | None
 
 
 class EndHeader(_Header, tag="end"):
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+    sha256: Sha256
 
 
 # A record header, validated like a manifest: a wrong type, a missing or extra key, or JSON
