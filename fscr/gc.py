@@ -358,11 +358,19 @@ def plan(store: Store, run: Run, facts: Facts) -> Plan:
 
 def describe(store: Store, run: Run, facts: Facts) -> list[str]:
     """What gc would do for `run`, in order (`fscr gc --dry-run`)."""
-    grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
     p = plan(store, run, facts)
-    return ([f"wait for CRIU (PID {c.pid}), kill it after {grace:.0f}s"
+    return ([f"wait for CRIU (PID {c.pid}), kill it after {_grace(run):.0f}s"
              for c in _criu(run, facts)] + [w for w, _ in p.steps]
-            + [f"remove journal {run.path.name}"] + [w for w, _ in p.then])
+            + [_forget(run)] + [w for w, _ in p.then])
+
+
+def _grace(run: Run) -> float:
+    """How long gc lets a dead run's CRIU finish before it kills it."""
+    return RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
+
+
+def _forget(run: Run) -> str:
+    return f"remove journal {run.path.name}"
 
 
 def _lock_keys(run: Run) -> list[str]:
@@ -391,8 +399,6 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
             entry["done"] = False
             entry["errors"].append(f"{run.damaged}: check what it names and remove it")
             continue
-        grace = RESTORE_GRACE if run.op == "restore" else CHECKPOINT_GRACE
-        forget = f"remove journal {run.path.name}"
         if dry_run:
             try:
                 entry["actions"] = describe(store, run, facts)
@@ -407,7 +413,7 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
             with locks.hold(_lock_keys(run), wait=0):
                 for c in _criu(run, facts):
                     entry["actions"].append(f"waited for CRIU (PID {c.pid})")
-                    settle(c, grace)
+                    settle(c, _grace(run))
                 try:
                     p = plan(store, run, facts)
                 except FscrError as e:  # the journal stays for the next gc
@@ -422,7 +428,7 @@ def collect(store: Store, dry_run: bool = False) -> list[dict[str, Any]]:
                         entry["errors"].append(f"{what}: {e}")
                 if not entry["errors"]:  # else the journal stays: the next gc tries again
                     run.path.unlink(missing_ok=True)
-                    entry["actions"].append(forget)
+                    entry["actions"].append(_forget(run))
         except Busy as e:
             entry["done"] = False
             entry["errors"].append(f"skipped, another run holds its lock: {e}")

@@ -82,7 +82,8 @@ _AT = re.compile(r" - at `\$(.*)`$")
 
 def why(e: Exception) -> tuple[str, str]:
     """(where, what) of a failed decode: where as a dotted path ("volumes.0.path", "(top)"),
-    what as msgspec says it ("Expected `int`, got `str`")."""
+    what as msgspec says it ("Expected `int`, got `str`"). Any other error (a record's own
+    check): ("(top)", its message)."""
     text = str(e)
     m = _AT.search(text)
     if m is None:

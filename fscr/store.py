@@ -13,7 +13,6 @@ A checkpoint is listed only once its digest file exists.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -108,8 +107,8 @@ class Store:
         try:  # as the next load will read it: a record that cannot be read is never written
             raw = records.checked(m).to_bytes()
         except (records.Invalid, ValueError) as e:
-            what = records.why(e)[1] if isinstance(e, records.Invalid) else str(e)
-            raise BadManifest(f"checkpoint {m.id} cannot be recorded: {what}") from None
+            raise BadManifest(f"checkpoint {m.id} cannot be recorded: {records.why(e)[1]}") \
+                from None
         write_atomic(d / "manifest.json", raw)
         dg = digest(raw)
         write_atomic(d / "manifest.json.sha256", f"{dg}  manifest.json\n".encode())
@@ -201,8 +200,8 @@ class Store:
     def add_rescue(self, name: str, paths: list[str], kind: str) -> None:
         """Record a rescue snapshot (the contents a restore replaced), so it is listed; `kind`
         is the snapshot provider that made it."""
-        data = json.dumps({"version": 1, "name": name, "paths": paths, "kind": kind}).encode()
-        write_atomic(self._rescue_file(name), data)
+        rec = RescueRecord(name=name, paths=paths, kind=kind)
+        write_atomic(self._rescue_file(name), records.encode(rec))
 
     def rescues(self, damaged: Callable[[str], None] | None = None) -> list[dict]:
         """The rescue records, validated; a damaged one is left out, and `damaged` (if
@@ -215,8 +214,7 @@ class Store:
                     raise ValueError(f"it names rescue {rec.name}")
             except (OSError, ValueError, records.Invalid) as e:
                 if damaged is not None:
-                    why = records.why(e)[1] if isinstance(e, records.Invalid) else str(e)
-                    damaged(f"rescue record {p.name} is damaged ({why}): ignored")
+                    damaged(f"rescue record {p.name} is damaged ({records.why(e)[1]}): ignored")
                 continue
             out.append({k: v for k, v in records.plain(rec).items()
                         if k != "version"})  # `list` shows what it names

@@ -271,7 +271,6 @@ class _Checkpoint:
                 # images' checksums are the long part: if the watchdog thawed the tree
                 # meanwhile, it ran on past its image, so it is neither killed nor kept.
                 window = self.window()
-                self.t.seconds["freeze_window"] = round(window, 6)
                 m = self.manifest(window)
                 self.watchdog_ok()
                 m = self.commit(window, m)
@@ -534,7 +533,6 @@ class _Checkpoint:
             image_bytes=sum(i.size for i in images),
             durations=dict(self.t.seconds, freeze_window=round(window, 6)),
         )
-
 
 
 def _first(e: Exception) -> str:
