@@ -152,7 +152,6 @@ def schedule_remove(job_file: str, dest: str | None) -> None:
                 click.echo(f"removed {where / name}")
 
 
-
 @click.group("restore-from")
 def restore_from() -> None:
     """Bring a checkpoint back from where a backup job's destination put it."""

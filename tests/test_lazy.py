@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import alive, ask, fscr, said, wait_for
-from test_pipeline import checkpoint, grows, lines, restore
+from test_pipeline import checkpoint, flip_a_bit, grows, lines, restore
 
 from fscr import journal, lazy
 from fscr.process import freezer
@@ -52,17 +52,14 @@ def test_lazy_restore_brings_back_every_page_of_memory(btrfs_volume, workloads, 
 
 def killed_with_a_corrupt_page_image(vol: Path, workloads, store: Path):  # noqa: ANN001, ANN201
     """A memory workload checkpointed with --kill, a file written on its volume after, and
-    4 KiB of its page image overwritten (same size: only the checksum can tell)."""
+    a bit of its page image flipped (same size: only the checksum can tell)."""
     pid, _ = workloads.start("memory", str(vol), "16")
     grows(vol / "history", 3)
     cg = freezer.cgroup_of(pid)
     m = checkpoint(store, "--pid", str(pid), "--volume", str(vol), "--kill")
     wait_for(lambda: not alive(pid), 10, "the tree to be killed")
     (vol / "written-after").write_text("the volume as it was before the restore")
-    pages = next((store / "checkpoints" / m["id"] / "images").glob("pages-*.img"))
-    with open(pages, "r+b") as f:
-        f.seek(pages.stat().st_size // 2)
-        f.write(b"\xff" * 4096)
+    flip_a_bit(next((store / "checkpoints" / m["id"] / "images").glob("pages-*.img")))
     return cg, m
 
 

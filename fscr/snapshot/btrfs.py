@@ -169,7 +169,6 @@ class Btrfs:
                 raise NoSpace(f"no space for a copy of {snapshot}") from None
             raise SnapshotFailed(f"cannot copy snapshot {snapshot}: {e.strerror}") from None
 
-
     sends = True
 
     def send(self, snapshot: str, parent: str | None, write: Callable[[bytes], None]) -> None:
